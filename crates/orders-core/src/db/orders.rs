@@ -1,0 +1,178 @@
+//! Orders. Every status change is a conditional update, so no interleaving of requests, workers and
+//! redeliveries can make a transition the state machine does not allow.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, PgPool};
+
+use crate::domain::{Amount, IdempotencyKey, Order, OrderId, OrderStatus, ProductName, UserId};
+
+/// An order about to be created.
+#[derive(Debug, Clone)]
+pub struct NewOrder<'a> {
+    /// Its owner.
+    pub user_id: UserId,
+    /// What is ordered.
+    pub product_name: &'a ProductName,
+    /// How much.
+    pub amount: Amount,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<&'a IdempotencyKey>,
+}
+
+/// Inserts a `PENDING` order. Returns `None` when this user already has an order with the same idempotency
+/// key; with concurrent requests the unique index makes all but one of them land here.
+pub async fn insert_order(executor: impl PgExecutor<'_>, new: &NewOrder<'_>) -> sqlx::Result<Option<Order>> {
+    sqlx::query_as!(
+        Order,
+        r#"
+        insert into orders (id, user_id, product_name, amount, idempotency_key)
+        values ($1, $2, $3, $4, $5)
+        on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
+        returning id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+                  status as "status: OrderStatus", created_at, updated_at
+        "#,
+        OrderId::new() as OrderId,
+        new.user_id as UserId,
+        new.product_name.as_str(),
+        new.amount.value(),
+        new.idempotency_key.map(IdempotencyKey::as_str),
+    )
+    .fetch_optional(executor)
+    .await
+}
+
+/// The order this user created with `key`, if any.
+pub async fn find_by_idempotency_key(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    key: &IdempotencyKey,
+) -> sqlx::Result<Option<Order>> {
+    sqlx::query_as!(
+        Order,
+        r#"
+        select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+               status as "status: OrderStatus", created_at, updated_at
+        from orders where user_id = $1 and idempotency_key = $2
+        "#,
+        user_id as UserId,
+        key.as_str(),
+    )
+    .fetch_optional(executor)
+    .await
+}
+
+/// One of the user's orders. Another user's order is as absent as a missing one.
+pub async fn find_order(executor: impl PgExecutor<'_>, user_id: UserId, id: OrderId) -> sqlx::Result<Option<Order>> {
+    sqlx::query_as!(
+        Order,
+        r#"
+        select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+               status as "status: OrderStatus", created_at, updated_at
+        from orders where id = $1 and user_id = $2
+        "#,
+        id as OrderId,
+        user_id as UserId,
+    )
+    .fetch_optional(executor)
+    .await
+}
+
+/// A position in "my orders, newest first": the listing continues with orders strictly older than this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderCursor {
+    /// The last listed order's creation time.
+    pub created_at: DateTime<Utc>,
+    /// The last listed order's id (breaks ties between equal timestamps).
+    pub id: OrderId,
+}
+
+impl From<&Order> for OrderCursor {
+    fn from(order: &Order) -> Self {
+        Self { created_at: order.created_at, id: order.id }
+    }
+}
+
+/// Up to `limit` of the user's orders, newest first, optionally with one status, after `cursor` (keyset
+/// pagination: stable while orders are being added, and as fast on the last page as on the first).
+pub async fn list_orders(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    status: Option<OrderStatus>,
+    cursor: Option<OrderCursor>,
+    limit: i64,
+) -> sqlx::Result<Vec<Order>> {
+    sqlx::query_as!(
+        Order,
+        r#"
+        select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+               status as "status: OrderStatus", created_at, updated_at
+        from orders
+        where user_id = $1
+          and ($2::order_status is null or status = $2)
+          and ($3::timestamptz is null or (created_at, id) < ($3, $4))
+        order by created_at desc, id desc
+        limit $5
+        "#,
+        user_id as UserId,
+        status as Option<OrderStatus>,
+        cursor.map(|c| c.created_at),
+        cursor.map(|c| c.id.0),
+        limit,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Why an order could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such order for this user.
+    #[error("order not found")]
+    NotFound,
+    /// It has left `PENDING` already.
+    #[error("only pending orders can be cancelled")]
+    NotPending,
+    /// Anything else.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Cancels a `PENDING` order of this user. The update itself checks the status, so a worker picking the order
+/// up at the same moment either sees it cancelled or wins, never both.
+pub async fn cancel_order(pool: &PgPool, user_id: UserId, id: OrderId) -> Result<Order, CancelError> {
+    let cancelled = sqlx::query_as!(
+        Order,
+        r#"
+        update orders set status = 'CANCELLED', updated_at = now()
+        where id = $1 and user_id = $2 and status = 'PENDING'
+        returning id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+                  status as "status: OrderStatus", created_at, updated_at
+        "#,
+        id as OrderId,
+        user_id as UserId,
+    )
+    .fetch_optional(pool)
+    .await?;
+    match cancelled {
+        Some(order) => Ok(order),
+        // The status never returns to PENDING, so a row found now is one that cannot be cancelled.
+        None => match find_order(pool, user_id, id).await? {
+            Some(_) => Err(CancelError::NotPending),
+            None => Err(CancelError::NotFound),
+        },
+    }
+}
+
+/// Records that a job for this order was just pushed, so the reconciler leaves it alone for a while.
+pub async fn mark_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<()> {
+    sqlx::query!("update orders set enqueued_at = now() where id = $1", id as OrderId)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Compares a stored order with a repeated request: same product and same amount.
+pub fn same_request(order: &Order, product_name: &ProductName, amount: Amount) -> bool {
+    order.product_name == product_name.as_str() && order.amount.normalize() == amount.value().normalize()
+}
+

@@ -1,0 +1,64 @@
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::{
+    PgPool, Postgres,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::DatabaseConfig;
+
+/// Connect options with a statement timeout, so that a stalled database turns into an error, not a hang.
+fn connect_options(config: &DatabaseConfig) -> anyhow::Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(&config.database_url)
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    Ok(options.options([(
+        "statement_timeout",
+        config.database_statement_timeout_ms.to_string(),
+    )]))
+}
+
+/// Pool settings: bounded size and a bounded wait for a connection.
+pub fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(config.acquire_timeout())
+}
+
+/// Creates the database named in the URL if it does not exist yet.
+pub async fn ensure_database(config: &DatabaseConfig) -> anyhow::Result<()> {
+    let url = &config.database_url;
+    let exists = Postgres::database_exists(url)
+        .await
+        .context("cannot reach PostgreSQL (check DATABASE_URL and that the server is running)")?;
+    if !exists {
+        tracing::info!("database does not exist yet: creating it");
+        if let Err(err) = Postgres::create_database(url).await {
+            // Another process may have created it in the meantime.
+            if !Postgres::database_exists(url).await.unwrap_or(false) {
+                return Err(err).context("cannot create the database");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the database if missing, connects, and applies pending migrations.
+pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    ensure_database(config).await?;
+    let pool = pool_options(config)
+        .connect_with(connect_options(config)?)
+        .await
+        .context("cannot connect to PostgreSQL (check DATABASE_URL)")?;
+    crate::MIGRATOR
+        .run(&pool)
+        .await
+        .context("cannot apply the database migrations")?;
+    Ok(pool)
+}
+
+/// A pool that connects on first use; for tools and tests that must start while PostgreSQL is down.
+pub fn connect_lazy(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    Ok(pool_options(config).connect_lazy_with(connect_options(config)?))
+}
