@@ -1,1 +1,15 @@
+//! The orders HTTP API as a library: the `api` binary and the integration tests both build it through
+//! [`startup::App`].
 
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod rate_limit;
+pub mod routes;
+pub mod startup;
+pub mod state;
+
+pub use config::Config;
+pub use startup::App;

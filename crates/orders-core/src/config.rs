@@ -41,7 +41,12 @@ impl DatabaseConfig {
 #[derive(Debug, Clone, Args)]
 pub struct QueueConfig {
     /// Redis URL of the job queue.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://localhost:6379/0", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://localhost:6379/0",
+        hide_env_values = true
+    )]
     pub redis_url: String,
 
     /// Name of the queue (the prefix of its Redis keys). The api and the workers must agree on it.

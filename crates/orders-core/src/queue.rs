@@ -35,7 +35,10 @@ pub fn redis_connection(config: &QueueConfig) -> anyhow::Result<ConnectionManage
         .set_connection_timeout(Some(config.redis_timeout()))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2));
-    Ok(ConnectionManager::new_lazy_with_config(client, manager_config)?)
+    Ok(ConnectionManager::new_lazy_with_config(
+        client,
+        manager_config,
+    )?)
 }
 
 /// The queue's apalis settings (the worker adds its heartbeat settings on top).
@@ -60,7 +63,11 @@ pub enum EnqueueError {
 }
 
 /// Pushes a job for `order_id`, giving up after `timeout`.
-pub async fn enqueue(queue: &OrderQueue, order_id: OrderId, timeout: Duration) -> Result<(), EnqueueError> {
+pub async fn enqueue(
+    queue: &OrderQueue,
+    order_id: OrderId,
+    timeout: Duration,
+) -> Result<(), EnqueueError> {
     let mut queue = queue.clone();
     match tokio::time::timeout(timeout, queue.push(ProcessOrder { order_id })).await {
         Ok(Ok(())) => Ok(()),

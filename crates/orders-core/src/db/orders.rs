@@ -21,7 +21,10 @@ pub struct NewOrder<'a> {
 
 /// Inserts a `PENDING` order. Returns `None` when this user already has an order with the same idempotency
 /// key; with concurrent requests the unique index makes all but one of them land here.
-pub async fn insert_order(executor: impl PgExecutor<'_>, new: &NewOrder<'_>) -> sqlx::Result<Option<Order>> {
+pub async fn insert_order(
+    executor: impl PgExecutor<'_>,
+    new: &NewOrder<'_>,
+) -> sqlx::Result<Option<Order>> {
     sqlx::query_as!(
         Order,
         r#"
@@ -62,7 +65,11 @@ pub async fn find_by_idempotency_key(
 }
 
 /// One of the user's orders. Another user's order is as absent as a missing one.
-pub async fn find_order(executor: impl PgExecutor<'_>, user_id: UserId, id: OrderId) -> sqlx::Result<Option<Order>> {
+pub async fn find_order(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    id: OrderId,
+) -> sqlx::Result<Option<Order>> {
     sqlx::query_as!(
         Order,
         r#"
@@ -88,7 +95,10 @@ pub struct OrderCursor {
 
 impl From<&Order> for OrderCursor {
     fn from(order: &Order) -> Self {
-        Self { created_at: order.created_at, id: order.id }
+        Self {
+            created_at: order.created_at,
+            id: order.id,
+        }
     }
 }
 
@@ -139,7 +149,11 @@ pub enum CancelError {
 
 /// Cancels a `PENDING` order of this user. The update itself checks the status, so a worker picking the order
 /// up at the same moment either sees it cancelled or wins, never both.
-pub async fn cancel_order(pool: &PgPool, user_id: UserId, id: OrderId) -> Result<Order, CancelError> {
+pub async fn cancel_order(
+    pool: &PgPool,
+    user_id: UserId,
+    id: OrderId,
+) -> Result<Order, CancelError> {
     let cancelled = sqlx::query_as!(
         Order,
         r#"
@@ -165,14 +179,17 @@ pub async fn cancel_order(pool: &PgPool, user_id: UserId, id: OrderId) -> Result
 
 /// Records that a job for this order was just pushed, so the reconciler leaves it alone for a while.
 pub async fn mark_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<()> {
-    sqlx::query!("update orders set enqueued_at = now() where id = $1", id as OrderId)
-        .execute(executor)
-        .await?;
+    sqlx::query!(
+        "update orders set enqueued_at = now() where id = $1",
+        id as OrderId
+    )
+    .execute(executor)
+    .await?;
     Ok(())
 }
 
 /// Compares a stored order with a repeated request: same product and same amount.
 pub fn same_request(order: &Order, product_name: &ProductName, amount: Amount) -> bool {
-    order.product_name == product_name.as_str() && order.amount.normalize() == amount.value().normalize()
+    order.product_name == product_name.as_str()
+        && order.amount.normalize() == amount.value().normalize()
 }
-

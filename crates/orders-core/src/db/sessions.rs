@@ -67,7 +67,10 @@ pub enum Redeemed {
 
 /// Marks a token used if it is live, and tells what it was. Run it in the transaction that stores the next
 /// token, so that a failure in between leaves the session as it was.
-pub async fn redeem_refresh_token(conn: &mut PgConnection, token_hash: &[u8]) -> sqlx::Result<Redeemed> {
+pub async fn redeem_refresh_token(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+) -> sqlx::Result<Redeemed> {
     let live = sqlx::query!(
         r#"
         update refresh_tokens set used_at = now()
@@ -79,7 +82,10 @@ pub async fn redeem_refresh_token(conn: &mut PgConnection, token_hash: &[u8]) ->
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = live {
-        return Ok(Redeemed::Live { family_id: row.family_id, user_id: row.user_id });
+        return Ok(Redeemed::Live {
+            family_id: row.family_id,
+            user_id: row.user_id,
+        });
     }
     let known = sqlx::query!(
         r#"select family_id, used_at is not null as "used!" from refresh_tokens where token_hash = $1"#,
@@ -88,7 +94,9 @@ pub async fn redeem_refresh_token(conn: &mut PgConnection, token_hash: &[u8]) ->
     .fetch_optional(&mut *conn)
     .await?;
     Ok(match known {
-        Some(row) if row.used => Redeemed::Reused { family_id: row.family_id },
+        Some(row) if row.used => Redeemed::Reused {
+            family_id: row.family_id,
+        },
         _ => Redeemed::Dead,
     })
 }

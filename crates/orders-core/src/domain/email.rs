@@ -18,7 +18,10 @@ impl Email {
             ));
         }
         if !email_address::EmailAddress::is_valid(&email) || !email.contains('.') {
-            return Err(Invalid::new("value_error", "value is not a valid email address"));
+            return Err(Invalid::new(
+                "value_error",
+                "value is not a valid email address",
+            ));
         }
         Ok(Self(email))
     }
@@ -35,12 +38,22 @@ mod tests {
 
     #[test]
     fn addresses_are_trimmed_and_lower_cased() {
-        assert_eq!(Email::parse("  Ada@Example.COM ").unwrap().as_str(), "ada@example.com");
+        assert_eq!(
+            Email::parse("  Ada@Example.COM ").unwrap().as_str(),
+            "ada@example.com"
+        );
     }
 
     #[test]
     fn malformed_addresses_are_refused() {
-        for bad in ["", "ada", "ada@", "@example.com", "a b@example.com", "ada@localhost"] {
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "a b@example.com",
+            "ada@localhost",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} was accepted");
         }
         let long = format!("{}@example.com", "a".repeat(250));

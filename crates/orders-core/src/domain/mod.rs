@@ -23,7 +23,10 @@ pub struct Invalid {
 
 impl Invalid {
     pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -34,7 +37,10 @@ pub(crate) fn trimmed_text(value: &str, min: usize, max: usize) -> Result<String
     if len < min {
         Err(Invalid::new(
             "string_too_short",
-            format!("String should have at least {min} character{} after trimming", plural(min)),
+            format!(
+                "String should have at least {min} character{} after trimming",
+                plural(min)
+            ),
         ))
     } else if len > max {
         Err(Invalid::new(

@@ -88,7 +88,10 @@ impl Amount {
     /// Parses an exact decimal.
     pub fn parse(value: Decimal) -> Result<Self, Invalid> {
         if value <= Decimal::ZERO {
-            return Err(Invalid::new("greater_than", "Input should be greater than 0"));
+            return Err(Invalid::new(
+                "greater_than",
+                "Input should be greater than 0",
+            ));
         }
         if value > Self::MAX {
             return Err(Invalid::new(
@@ -110,7 +113,10 @@ impl Amount {
     /// at most 12 significant digits, so `1.005` is seen as three decimal places, not as `1.00499999…`.
     pub fn parse_f64(value: f64) -> Result<Self, Invalid> {
         if !value.is_finite() {
-            return Err(Invalid::new("finite_number", "Input should be a finite number"));
+            return Err(Invalid::new(
+                "finite_number",
+                "Input should be a finite number",
+            ));
         }
         if value > 1e10 {
             return Self::parse(Self::MAX + Decimal::ONE);
@@ -186,17 +192,35 @@ mod tests {
         assert_eq!(Amount::parse_f64(12.5).unwrap().value().to_string(), "12.5");
         assert_eq!(Amount::parse_f64(0.01).unwrap().value().to_string(), "0.01");
         assert_eq!(Amount::parse_f64(1e9).unwrap().value(), Amount::MAX);
-        assert_eq!(Amount::parse_f64(999_999_999.99).unwrap().value().to_string(), "999999999.99");
+        assert_eq!(
+            Amount::parse_f64(999_999_999.99)
+                .unwrap()
+                .value()
+                .to_string(),
+            "999999999.99"
+        );
     }
 
     #[test]
     fn out_of_range_or_too_precise_amounts_are_refused() {
         assert_eq!(Amount::parse_f64(0.0).unwrap_err().kind, "greater_than");
         assert_eq!(Amount::parse_f64(-1.0).unwrap_err().kind, "greater_than");
-        assert_eq!(Amount::parse_f64(1.005).unwrap_err().kind, "decimal_max_places");
-        assert_eq!(Amount::parse_f64(0.001).unwrap_err().kind, "decimal_max_places");
-        assert_eq!(Amount::parse_f64(1e9 + 0.01).unwrap_err().kind, "less_than_equal");
-        assert_eq!(Amount::parse_f64(1e300).unwrap_err().kind, "less_than_equal");
+        assert_eq!(
+            Amount::parse_f64(1.005).unwrap_err().kind,
+            "decimal_max_places"
+        );
+        assert_eq!(
+            Amount::parse_f64(0.001).unwrap_err().kind,
+            "decimal_max_places"
+        );
+        assert_eq!(
+            Amount::parse_f64(1e9 + 0.01).unwrap_err().kind,
+            "less_than_equal"
+        );
+        assert_eq!(
+            Amount::parse_f64(1e300).unwrap_err().kind,
+            "less_than_equal"
+        );
         assert!(Amount::parse_f64(1e-300).is_err());
     }
 

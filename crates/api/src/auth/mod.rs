@@ -1,0 +1,84 @@
+//! Authentication: tokens, passwords and the [`AuthUser`] extractor that guards the order routes.
+
+pub mod jwt;
+pub mod password;
+
+use axum::{
+    extract::FromRequestParts,
+    http::{HeaderMap, HeaderValue, header, request::Parts},
+};
+use orders_core::domain::UserId;
+use sha2::{Digest, Sha256};
+
+use crate::{error::ApiError, state::AppState};
+use jwt::TokenKind;
+
+/// The user whose valid access token came with the request.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser {
+    /// Who is calling.
+    pub user_id: UserId,
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token =
+            bearer_token(&parts.headers).ok_or(ApiError::Unauthorized("Not authenticated"))?;
+        let claims = state
+            .jwt
+            .verify(token, TokenKind::Access)
+            .map_err(|_| ApiError::Unauthorized("Invalid or expired token"))?;
+        Ok(AuthUser {
+            user_id: UserId(claims.sub),
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// What is stored of a refresh token: its SHA-256. The token has 256 bits of signature entropy, so a fast
+/// hash is enough (no salt or key stretching needed).
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The refresh token cookie's name.
+pub const REFRESH_COOKIE: &str = "refresh_token";
+
+/// `Set-Cookie` for a refresh token, readable only by the server and only on `/auth` paths.
+pub fn refresh_cookie(token: &str, max_age_secs: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{REFRESH_COOKIE}={token}; HttpOnly; Secure; SameSite=Strict; Path=/auth; Max-Age={max_age_secs}"
+    ))
+    .unwrap_or_else(|_| clear_refresh_cookie())
+}
+
+/// `Set-Cookie` that removes the refresh token cookie.
+pub fn clear_refresh_cookie() -> HeaderValue {
+    HeaderValue::from_static(
+        "refresh_token=; HttpOnly; Secure; SameSite=Strict; Path=/auth; Max-Age=0",
+    )
+}
+
+/// The refresh token cookie sent with the request, if any.
+pub fn refresh_token_from_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, value)| *name == REFRESH_COOKIE && !value.is_empty())
+        .map(|(_, value)| value.to_owned())
+}

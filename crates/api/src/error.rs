@@ -1,0 +1,183 @@
+//! One error type for every handler. Each variant maps to the contract's status and body; the cause of a 500
+//! or 503 is logged here and never sent to the client.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// `{"detail": "..."}`: the body of every error except validation errors.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    #[schema(example = "Not Found")]
+    pub detail: String,
+}
+
+/// One problem with the request, in FastAPI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// Where: `["body", "amount"]`, `["query", "limit"]`, `["path", "id"]`, `["header", "idempotency-key"]`.
+    #[schema(value_type = Vec<Object>, example = json!(["body", "amount"]))]
+    pub loc: Vec<Value>,
+    /// What is wrong, for a human.
+    #[schema(example = "Input should be greater than 0")]
+    pub msg: String,
+    /// What is wrong, for a program (pydantic's error types).
+    #[serde(rename = "type")]
+    #[schema(example = "greater_than")]
+    pub kind: String,
+}
+
+impl FieldError {
+    /// A problem at `loc`.
+    pub fn new(loc: Vec<Value>, kind: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self {
+            loc,
+            msg: msg.into(),
+            kind: kind.into(),
+        }
+    }
+
+    /// A problem with a domain value, at `loc`.
+    pub fn invalid(loc: Vec<Value>, invalid: orders_core::domain::Invalid) -> Self {
+        Self::new(loc, invalid.kind, invalid.message)
+    }
+}
+
+/// `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidationErrorBody {
+    /// Every problem found.
+    pub detail: Vec<FieldError>,
+}
+
+/// Builds a `loc` from its parts.
+#[macro_export]
+macro_rules! loc {
+    ($($part:expr),* $(,)?) => { vec![$(serde_json::Value::from($part)),*] };
+}
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 422: the input does not parse.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 401 with `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 404.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// 409.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// 413: body above the limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// 415: not JSON.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 400: a body that could not be read at all.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// 503: PostgreSQL or Redis is unreachable or too slow.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// 500: a bug. Logged with its cause; the client sees a generic message.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// A single validation problem.
+    pub fn field(loc: Vec<Value>, kind: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldError::new(loc, kind, msg)])
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.into())
+        }
+    }
+}
+
+/// Errors that mean "the database is down, overloaded or too slow", as opposed to a bug.
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57: operator intervention
+            // (57014 is a statement timeout); 40001/40P01: serialization failure, deadlock.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+fn detail(status: StatusCode, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            detail: detail.into(),
+        }),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Validation(errors) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(ValidationErrorBody { detail: errors }),
+            )
+                .into_response(),
+            Self::Unauthorized(msg) => {
+                let mut response = detail(StatusCode::UNAUTHORIZED, msg);
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+            Self::NotFound(msg) => detail(StatusCode::NOT_FOUND, msg),
+            Self::Conflict(msg) => detail(StatusCode::CONFLICT, msg),
+            Self::PayloadTooLarge => detail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body is larger than 64 KiB",
+            ),
+            Self::UnsupportedMediaType => detail(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected a request with `Content-Type: application/json`",
+            ),
+            Self::BadRequest(msg) => detail(StatusCode::BAD_REQUEST, msg),
+            Self::Unavailable(cause) => {
+                tracing::warn!(%cause, "dependency unavailable");
+                detail(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+            }
+            Self::Internal(err) => {
+                tracing::error!(error = ?err, "internal error");
+                detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
+            }
+        }
+    }
+}
+
+/// Handler result.
+pub type ApiResult<T> = Result<T, ApiError>;

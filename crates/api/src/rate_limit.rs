@@ -1,0 +1,197 @@
+//! Per-route rate limits (tower_governor): a burst of N, refilled at N per minute, per client.
+//!
+//! The client is the socket's peer address. `X-Forwarded-For` counts only when the operator says a proxy they
+//! control sits in front (`TRUST_PROXY_HEADERS=true`), and then only its rightmost entry, the one that proxy
+//! appended: entries to its left are whatever the client chose to send. IPv6 clients are keyed by their /64,
+//! since one host usually owns a whole /64.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{
+    Json,
+    body::Body,
+    extract::ConnectInfo,
+    http::{HeaderValue, Request, Response, StatusCode, header},
+    response::IntoResponse,
+};
+use governor::middleware::StateInformationMiddleware;
+use tower_governor::{
+    GovernorError, GovernorLayer, governor::GovernorConfigBuilder, key_extractor::KeyExtractor,
+};
+
+use crate::error::ErrorBody;
+
+/// Finds the client a request counts against.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientKey {
+    /// Honour the rightmost `X-Forwarded-For` entry.
+    pub trust_proxy_headers: bool,
+}
+
+impl KeyExtractor for ClientKey {
+    type Key = IpAddr;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
+        let forwarded = self
+            .trust_proxy_headers
+            .then(|| rightmost_forwarded_for(req.headers()))
+            .flatten();
+        let peer = || {
+            req.extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip())
+        };
+        forwarded
+            .or_else(peer)
+            .map(bucket_of)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+/// The last address in the last `X-Forwarded-For` header.
+fn rightmost_forwarded_for(headers: &axum::http::HeaderMap) -> Option<IpAddr> {
+    let last_header = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let last_entry = last_header.to_str().ok()?.rsplit(',').next()?.trim();
+    last_entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| last_entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// IPv4 as is (and IPv4-mapped IPv6 as IPv4); IPv6 by its /64.
+fn bucket_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// The layer type of one route's limit.
+pub type RateLimitLayer = GovernorLayer<ClientKey, StateInformationMiddleware, Body>;
+
+/// A limit of `per_minute` requests per client and minute, or `None` for 0 (no limit). Spawns the task that
+/// forgets idle clients, which ends when the layer is dropped.
+pub fn per_minute(per_minute: u32, key: ClientKey) -> Option<RateLimitLayer> {
+    let period = Duration::from_millis(60_000 / u64::from(per_minute.max(1)));
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(key)
+        .period(period)
+        .burst_size(per_minute)
+        .use_headers()
+        .finish()?;
+    let limiter = Arc::downgrade(config.limiter());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(limiter) = limiter.upgrade() else {
+                break;
+            };
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    });
+    Some(GovernorLayer::new(config).error_handler(too_many_requests))
+}
+
+/// `429 {"detail": ...}` with `Retry-After` in whole seconds, at least 1.
+fn too_many_requests(error: GovernorError) -> Response<Body> {
+    match error {
+        GovernorError::TooManyRequests { wait_time, headers } => {
+            let mut response = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(ErrorBody {
+                    detail: "Rate limit exceeded. Try again later.".into(),
+                }),
+            )
+                .into_response();
+            if let Some(headers) = headers {
+                response.headers_mut().extend(headers);
+            }
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait_time.max(1)));
+            response
+        }
+        other => {
+            tracing::error!(error = %other, "rate limiter could not identify the client");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(ErrorBody {
+                    detail: "Internal server error".into(),
+                }),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(xff: &[&str]) -> Request<()> {
+        let mut builder = Request::builder();
+        for value in xff {
+            builder = builder.header("x-forwarded-for", *value);
+        }
+        let mut req = builder.body(()).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
+        req
+    }
+
+    #[test]
+    fn without_trust_the_peer_address_counts() {
+        let key = ClientKey {
+            trust_proxy_headers: false,
+        };
+        assert_eq!(
+            key.extract(&request(&["1.2.3.4"])).unwrap(),
+            IpAddr::from([10, 0, 0, 1])
+        );
+    }
+
+    #[test]
+    fn with_trust_only_the_rightmost_entry_counts() {
+        let key = ClientKey {
+            trust_proxy_headers: true,
+        };
+        assert_eq!(
+            key.extract(&request(&["6.6.6.6, 1.2.3.4"])).unwrap(),
+            IpAddr::from([1, 2, 3, 4])
+        );
+        assert_eq!(
+            key.extract(&request(&["6.6.6.6", "5.5.5.5"])).unwrap(),
+            IpAddr::from([5, 5, 5, 5])
+        );
+        assert_eq!(
+            key.extract(&request(&["1.2.3.4, garbage"])).unwrap(),
+            IpAddr::from([10, 0, 0, 1])
+        );
+        assert_eq!(
+            key.extract(&request(&[])).unwrap(),
+            IpAddr::from([10, 0, 0, 1])
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        assert_eq!(bucket_of(a), bucket_of(b));
+        let mapped: IpAddr = "::ffff:1.2.3.4".parse().unwrap();
+        assert_eq!(bucket_of(mapped), IpAddr::from([1, 2, 3, 4]));
+    }
+}

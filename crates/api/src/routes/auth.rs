@@ -1,0 +1,348 @@
+//! Accounts and sessions: register, login, refresh (rotation with reuse detection), logout, me.
+
+use axum::{
+    Json as JsonResponse,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::{DateTime, Utc};
+use orders_core::{
+    db::{
+        sessions::{self, NewRefreshToken, Redeemed},
+        users::{self, InsertUserError},
+    },
+    domain::{Email, Invalid, User, UserId, UserName},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::limited;
+use crate::{
+    auth::{
+        AuthUser, clear_refresh_cookie,
+        jwt::{JwtKeys, TokenKind},
+        refresh_cookie, refresh_token_from_cookie, token_hash,
+    },
+    config::RateLimits,
+    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
+    extract::{Json, OptionalJson},
+    loc,
+    rate_limit::{ClientKey, per_minute},
+    state::AppState,
+};
+
+/// Routes of this module, each with its own rate limit.
+pub fn router(limits: &RateLimits, key: ClientKey) -> OpenApiRouter<AppState> {
+    let on = limits.rate_limit_enabled;
+    let limit = |n: u32| if on { per_minute(n, key) } else { None };
+    OpenApiRouter::new()
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(register)),
+            limit(limits.rate_limit_register_per_minute),
+        ))
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(login)),
+            limit(limits.rate_limit_login_per_minute),
+        ))
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(refresh)),
+            limit(limits.rate_limit_refresh_per_minute),
+        ))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+}
+
+/// A new account.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// 1–100 characters after trimming.
+    #[schema(example = "Ada Lovelace")]
+    name: String,
+    /// A valid address, at most 254 characters; compared case-insensitively.
+    #[schema(example = "ada@example.com")]
+    email: String,
+    /// 8–128 characters.
+    #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
+    password: SecretString,
+}
+
+/// A user, as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserResponse {
+    /// The user's id.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// Lower-cased e-mail address.
+    pub email: String,
+    /// When the account was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<User> for UserResponse {
+    fn from(user: User) -> Self {
+        Self {
+            id: user.id.0,
+            name: user.name,
+            email: user.email,
+            created_at: user.created_at,
+        }
+    }
+}
+
+/// Collects a field's parse error, if any, and hands back the parsed value.
+fn field<T>(errors: &mut Vec<FieldError>, name: &str, parsed: Result<T, Invalid>) -> Option<T> {
+    parsed
+        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", name], invalid)))
+        .ok()
+}
+
+fn check_password(password: &SecretString) -> Result<(), Invalid> {
+    let len = password.expose_secret().chars().count();
+    if len < 8 {
+        Err(Invalid {
+            kind: "string_too_short",
+            message: "String should have at least 8 characters".into(),
+        })
+    } else if len > 128 {
+        Err(Invalid {
+            kind: "string_too_long",
+            message: "String should have at most 128 characters".into(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Creates an account.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest, responses(
+    (status = 201, body = UserResponse, description = "Account created"),
+    (status = 409, body = ErrorBody, description = "Email already registered"),
+    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+    (status = 422, body = ValidationErrorBody),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
+    (status = 503, body = ErrorBody),
+))]
+async fn register(
+    State(state): State<AppState>,
+    Json(body): Json<RegisterRequest>,
+) -> ApiResult<Response> {
+    let mut errors = Vec::new();
+    let name = field(&mut errors, "name", UserName::parse(&body.name));
+    let email = field(&mut errors, "email", Email::parse(&body.email));
+    let password = field(&mut errors, "password", check_password(&body.password));
+    let (Some(name), Some(email), Some(())) = (name, email, password) else {
+        return Err(ApiError::Validation(errors));
+    };
+    let hash = state.passwords.hash(body.password).await?;
+    let user = users::insert_user(&state.db, &name, &email, &hash)
+        .await
+        .map_err(|err| match err {
+            InsertUserError::EmailTaken => ApiError::Conflict("Email already registered"),
+            InsertUserError::Database(err) => err.into(),
+        })?;
+    tracing::info!(user_id = %user.id, "user registered");
+    Ok((StatusCode::CREATED, JsonResponse(UserResponse::from(user))).into_response())
+}
+
+/// Credentials.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    #[schema(example = "ada@example.com")]
+    email: String,
+    #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
+    password: SecretString,
+}
+
+/// A token pair.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    /// Send as `Authorization: Bearer <access_token>`.
+    pub access_token: String,
+    /// Exchange at `/auth/refresh` for a new pair; also set as an HttpOnly cookie.
+    pub refresh_token: String,
+    /// Always `bearer`.
+    #[schema(example = "bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    #[schema(example = 900)]
+    pub expires_in: u64,
+}
+
+/// Issues an access token and the next refresh token of `family_id`, storing the latter's hash.
+async fn issue_tokens(
+    conn: &mut PgConnection,
+    jwt: &JwtKeys,
+    user_id: UserId,
+    family_id: Uuid,
+) -> ApiResult<TokenResponse> {
+    let access = jwt.issue(user_id, TokenKind::Access, Uuid::new_v4())?;
+    let refresh = jwt.issue(user_id, TokenKind::Refresh, Uuid::now_v7())?;
+    let hash = token_hash(&refresh.token);
+    sessions::insert_refresh_token(
+        conn,
+        &NewRefreshToken {
+            id: refresh.jti,
+            family_id,
+            user_id,
+            token_hash: &hash,
+            expires_at: refresh.expires_at,
+        },
+    )
+    .await?;
+    Ok(TokenResponse {
+        access_token: access.token,
+        refresh_token: refresh.token,
+        token_type: "bearer",
+        expires_in: jwt.access_ttl().as_secs(),
+    })
+}
+
+/// The token pair as a response, with the refresh token also in its cookie.
+fn tokens_response(tokens: TokenResponse, jwt: &JwtKeys) -> Response {
+    let cookie = refresh_cookie(&tokens.refresh_token, jwt.refresh_ttl().as_secs());
+    let mut response = (StatusCode::OK, JsonResponse(tokens)).into_response();
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+const INVALID_CREDENTIALS: &str = "Invalid credentials";
+
+/// Logs in: a token pair in the body and the refresh token in an HttpOnly cookie (starts a new session).
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest, responses(
+    (status = 200, body = TokenResponse, headers(("Set-Cookie" = String, description = "refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth"))),
+    (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)"),
+    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+    (status = 422, body = ValidationErrorBody),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
+    (status = 503, body = ErrorBody),
+))]
+async fn login(
+    State(state): State<AppState>,
+    Json(body): Json<LoginRequest>,
+) -> ApiResult<Response> {
+    let email = Email::parse(&body.email).map_err(|invalid| {
+        ApiError::Validation(vec![FieldError::invalid(loc!["body", "email"], invalid)])
+    })?;
+    let credentials = users::find_credentials(&state.db, &email).await?;
+    let user_id = credentials.as_ref().map(|c| c.user_id);
+    let stored_hash = credentials.map(|c| c.password_hash);
+    let valid = state.passwords.verify(body.password, stored_hash).await?;
+    let Some(user_id) = user_id.filter(|_| valid) else {
+        return Err(ApiError::Unauthorized(INVALID_CREDENTIALS));
+    };
+    let mut conn = state.db.acquire().await?;
+    let tokens = issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7()).await?;
+    tracing::info!(%user_id, "user logged in");
+    Ok(tokens_response(tokens, &state.jwt))
+}
+
+/// A refresh token, in the body or (with an empty body) in the `refresh_token` cookie.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token from login or the last refresh.
+    refresh_token: String,
+}
+
+fn presented_refresh_token(headers: &HeaderMap, body: Option<RefreshRequest>) -> ApiResult<String> {
+    body.map(|b| b.refresh_token)
+        .or_else(|| refresh_token_from_cookie(headers))
+        .ok_or(ApiError::Unauthorized("Missing refresh token"))
+}
+
+const INVALID_REFRESH: &str = "Invalid or expired refresh token";
+
+/// Exchanges a refresh token for a new pair. The presented token dies; presenting it again revokes the whole
+/// session (reuse detection).
+#[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
+    (status = 200, body = TokenResponse, description = "A new pair; the refresh token is new too"),
+    (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, or an access token"),
+    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+    (status = 422, body = ValidationErrorBody),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
+    (status = 503, body = ErrorBody),
+))]
+async fn refresh(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OptionalJson(body): OptionalJson<RefreshRequest>,
+) -> ApiResult<Response> {
+    let token = presented_refresh_token(&headers, body)?;
+    let claims = state
+        .jwt
+        .verify(&token, TokenKind::Refresh)
+        .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
+    let mut tx = state.db.begin().await?;
+    match sessions::redeem_refresh_token(&mut tx, &token_hash(&token)).await? {
+        Redeemed::Live { family_id, user_id } if user_id.0 == claims.sub => {
+            let tokens = issue_tokens(&mut tx, &state.jwt, user_id, family_id).await?;
+            tx.commit().await?;
+            Ok(tokens_response(tokens, &state.jwt))
+        }
+        Redeemed::Reused { family_id } => {
+            sessions::revoke_family(&mut *tx, family_id).await?;
+            tx.commit().await?;
+            tracing::warn!(user_id = %claims.sub, %family_id, "refresh token reused: session revoked");
+            Err(ApiError::Unauthorized(INVALID_REFRESH))
+        }
+        Redeemed::Live { .. } | Redeemed::Dead => Err(ApiError::Unauthorized(INVALID_REFRESH)),
+    }
+}
+
+/// Ends the session a refresh token belongs to (all its tokens stop working).
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
+    (status = 204, description = "Session revoked; the cookie is cleared"),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token, or a refresh token that is not this user's"),
+    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+    (status = 422, body = ValidationErrorBody),
+    (status = 503, body = ErrorBody),
+))]
+async fn logout(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    OptionalJson(body): OptionalJson<RefreshRequest>,
+) -> ApiResult<Response> {
+    let token = presented_refresh_token(&headers, body)?;
+    state
+        .jwt
+        .verify(&token, TokenKind::Refresh)
+        .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
+    if !sessions::revoke_session_of(&state.db, &token_hash(&token), user.user_id).await? {
+        return Err(ApiError::Unauthorized(INVALID_REFRESH));
+    }
+    tracing::info!(user_id = %user.user_id, "user logged out");
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, clear_refresh_cookie());
+    Ok(response)
+}
+
+/// The logged-in user.
+#[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])), responses(
+    (status = 200, body = UserResponse),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+    (status = 503, body = ErrorBody),
+))]
+async fn me(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<JsonResponse<UserResponse>> {
+    let user = users::find_user(&state.db, user.user_id)
+        .await?
+        .ok_or(ApiError::Unauthorized("User no longer exists"))?;
+    Ok(JsonResponse(user.into()))
+}

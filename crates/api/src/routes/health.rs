@@ -1,0 +1,100 @@
+//! Liveness and readiness.
+
+use std::time::Duration;
+
+use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::state::AppState;
+
+/// How long readiness waits for each dependency.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(root))
+        .routes(routes!(live))
+        .routes(routes!(ready))
+}
+
+/// A short message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Message {
+    /// Always the same text.
+    #[schema(example = "Orders API is running")]
+    pub msg: String,
+}
+
+/// Liveness, kept from the original service.
+#[utoipa::path(get, path = "/", tag = "health", responses((status = 200, body = Message)))]
+async fn root() -> Json<Message> {
+    Json(Message {
+        msg: "Orders API is running".into(),
+    })
+}
+
+/// Process status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Live {
+    /// `ok`.
+    pub status: &'static str,
+}
+
+/// 200 while the process runs.
+#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = Live)))]
+async fn live() -> Json<Live> {
+    Json(Live { status: "ok" })
+}
+
+/// Dependency status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// `ok`, or why the service is not ready, naming what failed.
+    #[schema(example = "ok")]
+    pub status: String,
+    /// `ok` or `unavailable`.
+    pub postgres: &'static str,
+    /// `ok` or `unavailable`.
+    pub redis: &'static str,
+}
+
+/// Readiness: 200 when PostgreSQL and Redis both answer, otherwise 503 naming which one failed.
+#[utoipa::path(get, path = "/health/ready", tag = "health", responses(
+    (status = 200, body = Ready),
+    (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL or Redis is unreachable; `detail` names it"),
+))]
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let postgres = async {
+        let query = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
+        matches!(tokio::time::timeout(PROBE_TIMEOUT, query).await, Ok(Ok(_)))
+    };
+    let redis = orders_core::queue::ping(&state.queue, PROBE_TIMEOUT);
+    let (postgres, redis) = tokio::join!(postgres, redis);
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let failed: Vec<&str> = [(postgres, "PostgreSQL"), (redis, "Redis")]
+        .into_iter()
+        .filter_map(|(ok, name)| (!ok).then_some(name))
+        .collect();
+    if failed.is_empty() {
+        (
+            StatusCode::OK,
+            Json(serde_json::json!(Ready {
+                status: "ok".into(),
+                postgres: "ok",
+                redis: "ok"
+            })),
+        )
+    } else {
+        let detail = format!("Service unavailable: {} unreachable", failed.join(" and "));
+        tracing::warn!(%detail, "readiness check failed");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({ "detail": detail, "postgres": word(postgres), "redis": word(redis) }),
+            ),
+        )
+    }
+}

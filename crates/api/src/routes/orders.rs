@@ -1,0 +1,355 @@
+//! Orders: create (idempotent with `Idempotency-Key`), list mine, get one, cancel.
+
+use axum::{
+    Json as JsonResponse,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use orders_core::{
+    db::orders::{self as db, CancelError, NewOrder, OrderCursor},
+    domain::{Amount, Order, OrderId, OrderStatus, ProductName},
+    queue,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::limited;
+use crate::{
+    auth::AuthUser,
+    config::RateLimits,
+    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
+    extract::{IdempotencyKeyHeader, Json, OrderPath, Query},
+    loc,
+    rate_limit::{ClientKey, per_minute},
+    state::AppState,
+};
+
+/// Routes of this module, each with its own rate limit.
+pub fn router(limits: &RateLimits, key: ClientKey) -> OpenApiRouter<AppState> {
+    let on = limits.rate_limit_enabled;
+    let limit = |n: u32| if on { per_minute(n, key) } else { None };
+    OpenApiRouter::new()
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(create_order)),
+            limit(limits.rate_limit_create_order_per_minute),
+        ))
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(list_my_orders)),
+            limit(limits.rate_limit_list_orders_per_minute),
+        ))
+        .merge(limited(
+            OpenApiRouter::new().routes(routes!(cancel_order)),
+            limit(limits.rate_limit_cancel_order_per_minute),
+        ))
+        .routes(routes!(get_order))
+}
+
+/// An order, as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderResponse {
+    /// The order's id (UUID v7).
+    pub id: Uuid,
+    /// Its owner.
+    pub user_id: Uuid,
+    /// What was ordered.
+    #[schema(example = "Widget")]
+    pub product_name: String,
+    /// How much: a number with at most 2 decimal places.
+    #[serde(with = "rust_decimal::serde::float")]
+    #[schema(value_type = f64, example = 19.99)]
+    pub amount: rust_decimal::Decimal,
+    /// `PENDING`, `PROCESSING`, `COMPLETED` or `CANCELLED`.
+    pub status: OrderStatus,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When its status last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Order> for OrderResponse {
+    fn from(order: Order) -> Self {
+        Self {
+            id: order.id.0,
+            user_id: order.user_id.0,
+            product_name: order.product_name,
+            amount: order.amount,
+            status: order.status,
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        }
+    }
+}
+
+/// A new order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderRequest {
+    /// 1–200 characters after trimming.
+    #[schema(example = "Widget")]
+    product_name: String,
+    /// A JSON number > 0 and ≤ 1,000,000,000 with at most 2 decimal places.
+    #[schema(example = 19.99)]
+    amount: f64,
+}
+
+/// Creates a `PENDING` order and queues it for processing. With an `Idempotency-Key`, a repeat of the same
+/// request returns the first order (200) instead of creating another.
+#[utoipa::path(post, path = "/orders/create", tag = "orders", security(("bearer" = [])),
+    request_body = CreateOrderRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; a repeat returns the first order")),
+    responses(
+        (status = 201, body = OrderResponse, description = "Order created"),
+        (status = 200, body = OrderResponse, description = "A repeat of an earlier request with the same Idempotency-Key: the first order"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+        (status = 409, body = ErrorBody, description = "Idempotency-Key was used with a different request"),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ValidationErrorBody),
+        (status = 429, body = ErrorBody, description = "Rate limit exceeded (20/min)", headers(("Retry-After" = u64))),
+        (status = 503, body = ErrorBody),
+    ))]
+async fn create_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    Json(body): Json<CreateOrderRequest>,
+) -> ApiResult<Response> {
+    let mut errors = Vec::new();
+    let product_name = ProductName::parse(&body.product_name)
+        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", "product_name"], invalid)))
+        .ok();
+    let amount = Amount::parse_f64(body.amount)
+        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", "amount"], invalid)))
+        .ok();
+    let (Some(product_name), Some(amount)) = (product_name, amount) else {
+        return Err(ApiError::Validation(errors));
+    };
+    let new = NewOrder {
+        user_id: user.user_id,
+        product_name: &product_name,
+        amount,
+        idempotency_key: key.as_ref(),
+    };
+
+    let Some(order) = db::insert_order(&state.db, &new).await? else {
+        // The key was used before (or by a concurrent request that won the race).
+        let key = key
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("insert skipped without an idempotency key"))?;
+        let first = db::find_by_idempotency_key(&state.db, user.user_id, key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("idempotency conflict but no order holds the key"))?;
+        if !db::same_request(&first, &product_name, amount) {
+            return Err(ApiError::Conflict(
+                "Idempotency-Key was used with a different request",
+            ));
+        }
+        return Ok((StatusCode::OK, JsonResponse(OrderResponse::from(first))).into_response());
+    };
+
+    // The order is committed: from here on nothing may fail the request. A failed push leaves the order
+    // PENDING with no `enqueued_at`, and the worker's reconciler will queue it.
+    enqueue(&state, order.id).await;
+    tracing::info!(order_id = %order.id, user_id = %user.user_id, "order created");
+    Ok((
+        StatusCode::CREATED,
+        JsonResponse(OrderResponse::from(order)),
+    )
+        .into_response())
+}
+
+async fn enqueue(state: &AppState, order_id: OrderId) {
+    match queue::enqueue(&state.queue, order_id, state.enqueue_timeout).await {
+        Ok(()) => {
+            if let Err(err) = db::mark_enqueued(&state.db, order_id).await {
+                tracing::warn!(%order_id, error = %err, "job pushed but not recorded; the reconciler may push it again");
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%order_id, error = %err, "could not queue the order; the reconciler will")
+        }
+    }
+}
+
+/// Default page size.
+const DEFAULT_LIMIT: i64 = 50;
+/// Largest page size.
+const MAX_LIMIT: i64 = 100;
+
+/// Filters and paging of "my orders".
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only orders with this status.
+    status: Option<OrderStatus>,
+    /// Page size, 1–100 (default 50).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// Where the previous page ended: copy it from that page's `Link: <…>; rel="next"` header.
+    cursor: Option<String>,
+}
+
+fn encode_cursor(cursor: OrderCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}.{}",
+        cursor.created_at.timestamp_micros(),
+        cursor.id
+    ))
+}
+
+fn decode_cursor(raw: &str) -> Option<OrderCursor> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(raw).ok()?).ok()?;
+    let (micros, id) = text.split_once('.')?;
+    Some(OrderCursor {
+        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        id: OrderId(Uuid::parse_str(id).ok()?),
+    })
+}
+
+/// My orders, newest first. When more exist, `Link: <...>; rel="next"` gives the next page's URL.
+#[utoipa::path(get, path = "/orders/my-orders", tag = "orders", security(("bearer" = [])), params(ListQuery), responses(
+    (status = 200, body = Vec<OrderResponse>, headers(("Link" = String, description = "`</orders/my-orders?...&cursor=...>; rel=\"next\"` when more orders exist"))),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+    (status = 422, body = ValidationErrorBody, description = "Bad status, limit or cursor"),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (30/min)", headers(("Retry-After" = u64))),
+    (status = 503, body = ErrorBody),
+))]
+async fn list_my_orders(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit < 1 {
+        return Err(ApiError::field(
+            loc!["query", "limit"],
+            "greater_than_equal",
+            "Input should be greater than or equal to 1",
+        ));
+    }
+    if limit > MAX_LIMIT {
+        return Err(ApiError::field(
+            loc!["query", "limit"],
+            "less_than_equal",
+            "Input should be less than or equal to 100",
+        ));
+    }
+    let cursor = match query.cursor.as_deref() {
+        None => None,
+        Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
+            ApiError::field(
+                loc!["query", "cursor"],
+                "value_error",
+                "Invalid cursor: use the one from a Link header",
+            )
+        })?),
+    };
+    // One extra row tells whether a next page exists.
+    let mut orders =
+        db::list_orders(&state.db, user.user_id, query.status, cursor, limit + 1).await?;
+    let next = if orders.len() as i64 > limit {
+        orders.truncate(limit as usize);
+        orders.last().map(OrderCursor::from)
+    } else {
+        None
+    };
+    let mut response = JsonResponse(
+        orders
+            .into_iter()
+            .map(OrderResponse::from)
+            .collect::<Vec<_>>(),
+    )
+    .into_response();
+    if let Some(next) = next {
+        let status = query
+            .status
+            .map(|s| format!("&status={}", s.as_str()))
+            .unwrap_or_default();
+        let link = format!(
+            "</orders/my-orders?limit={limit}{status}&cursor={}>; rel=\"next\"",
+            encode_cursor(next)
+        );
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// One of my orders.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, body = OrderResponse),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+        (status = 404, body = ErrorBody, description = "No such order of yours"),
+        (status = 422, body = ValidationErrorBody, description = "Malformed id"),
+        (status = 503, body = ErrorBody),
+    ))]
+async fn get_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    OrderPath(id): OrderPath,
+) -> ApiResult<JsonResponse<OrderResponse>> {
+    let order = db::find_order(&state.db, user.user_id, id)
+        .await?
+        .ok_or(ApiError::NotFound("Order not found"))?;
+    Ok(JsonResponse(order.into()))
+}
+
+/// Cancels one of my orders while it is still `PENDING`.
+#[utoipa::path(patch, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, body = OrderResponse, description = "Cancelled"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+        (status = 404, body = ErrorBody, description = "No such order of yours"),
+        (status = 409, body = ErrorBody, description = "Only pending orders can be cancelled"),
+        (status = 422, body = ValidationErrorBody, description = "Malformed id"),
+        (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
+        (status = 503, body = ErrorBody),
+    ))]
+async fn cancel_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    OrderPath(id): OrderPath,
+) -> ApiResult<JsonResponse<OrderResponse>> {
+    match db::cancel_order(&state.db, user.user_id, id).await {
+        Ok(order) => {
+            tracing::info!(order_id = %order.id, "order cancelled");
+            Ok(JsonResponse(order.into()))
+        }
+        Err(CancelError::NotFound) => Err(ApiError::NotFound("Order not found")),
+        Err(CancelError::NotPending) => {
+            Err(ApiError::Conflict("Only pending orders can be cancelled"))
+        }
+        Err(CancelError::Database(err)) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let cursor = OrderCursor {
+            created_at: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            id: OrderId::new(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(cursor)), Some(cursor));
+        for garbage in [
+            "",
+            "abc",
+            "!!!",
+            &URL_SAFE_NO_PAD.encode("1.notauuid"),
+            &URL_SAFE_NO_PAD.encode("x.y"),
+        ] {
+            assert_eq!(decode_cursor(garbage), None, "{garbage:?}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! What every handler can reach: cheap clones of shared handles.
+
+use std::{sync::Arc, time::Duration};
+
+use orders_core::queue::OrderQueue;
+use sqlx::PgPool;
+
+use crate::auth::{jwt::JwtKeys, password::PasswordHasher};
+
+/// The application state.
+#[derive(Clone)]
+pub struct AppState {
+    /// PostgreSQL: the source of truth.
+    pub db: PgPool,
+    /// The Redis job queue the worker consumes.
+    pub queue: OrderQueue,
+    /// Token signing and verification.
+    pub jwt: Arc<JwtKeys>,
+    /// Argon2id, off the runtime.
+    pub passwords: PasswordHasher,
+    /// How long a create waits for the queue.
+    pub enqueue_timeout: Duration,
+}
