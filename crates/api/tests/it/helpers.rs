@@ -1,0 +1,207 @@
+use std::{net::SocketAddr, time::Duration};
+
+use api::{App, Config, config::RateLimits};
+use clap::Parser;
+use orders_core::queue;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A running api on a random port with its own queue.
+pub struct TestApp {
+    pub base: String,
+    pub client: Client,
+    pub db: PgPool,
+    pub queue_name: String,
+    redis_url: String,
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A configuration for tests: port 0, no rate limits, a unique queue.
+pub fn test_config() -> Config {
+    let mut config = Config::parse_from([
+        "api",
+        "--jwt-secret",
+        "a test secret that is long enough for HS256!",
+    ]);
+    config.bind_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.rate_limits = RateLimits::off();
+    config.queue.queue_name = format!("test-{}", Uuid::now_v7());
+    config.queue.redis_url = redis_url();
+    config
+}
+
+impl TestApp {
+    pub async fn spawn(db: PgPool) -> Self {
+        Self::spawn_with(db, |_| {}).await
+    }
+
+    pub async fn spawn_with(db: PgPool, adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        adjust(&mut config);
+        let queue_name = config.queue.queue_name.clone();
+        let redis_url = config.queue.redis_url.clone();
+        let queue = queue::order_queue(&config.queue).expect("queue");
+        let app = App::build_with(config, db.clone(), queue)
+            .await
+            .expect("app builds");
+        let addr = app.local_addr().expect("bound");
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        Self {
+            base: format!("http://{addr}"),
+            client: Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+            db,
+            queue_name,
+            redis_url,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn register(&self, email: &str) -> Response {
+        self.post_json(
+            "/auth/register",
+            &json!({"name": "Ada", "email": email, "password": PASSWORD}),
+        )
+        .await
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Response {
+        self.post_json(
+            "/auth/login",
+            &json!({"email": email, "password": password}),
+        )
+        .await
+    }
+
+    /// Registers a user and logs in; returns the login body.
+    pub async fn new_user(&self) -> Tokens {
+        let email = format!("user-{}@example.com", Uuid::new_v4());
+        assert_eq!(self.register(&email).await.status(), StatusCode::CREATED);
+        let response = self.login(&email, PASSWORD).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.expect("json");
+        Tokens {
+            access: body["access_token"].as_str().expect("access").to_owned(),
+            refresh: body["refresh_token"].as_str().expect("refresh").to_owned(),
+        }
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Response {
+        self.post_json("/auth/refresh", &json!({"refresh_token": refresh_token}))
+            .await
+    }
+
+    pub async fn create_order(&self, token: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url("/orders/create"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn cancel(&self, token: &str, id: &str) -> Response {
+        self.client
+            .patch(self.url(&format!("/orders/{id}/cancel")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("select count(*) from {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.db)
+            .await
+            .expect("count")
+    }
+
+    /// The order ids whose jobs are waiting on this app's queue.
+    pub fn queued_order_ids(&self) -> Vec<String> {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
+        let mut conn = client.get_connection().expect("redis");
+        let payloads: Vec<Vec<u8>> = redis::cmd("HVALS")
+            .arg(format!("{}:data", self.queue_name))
+            .query(&mut conn)
+            .expect("hvals");
+        payloads
+            .iter()
+            .map(|p| {
+                let job: Value = serde_json::from_slice(p).expect("job json");
+                job["order_id"].as_str().expect("order_id").to_owned()
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.redis_url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.queue_name))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+pub struct Tokens {
+    pub access: String,
+    pub refresh: String,
+}
+
+pub async fn json(response: Response) -> Value {
+    response.json().await.expect("json body")
+}
+
+/// Asserts a 422 whose first error is at `loc`.
+pub async fn assert_422_at(response: Response, loc: Value) {
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json(response).await;
+    let errors = body["detail"].as_array().expect("detail is a list");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["loc"] == loc && e["msg"].is_string() && e["type"].is_string()),
+        "no error at {loc}: {body}"
+    );
+}

@@ -1,0 +1,124 @@
+use reqwest::{StatusCode, header};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::{PASSWORD, TestApp, json};
+
+async fn login_from(app: &TestApp, forwarded_for: Option<&str>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(app.url("/auth/login"))
+        .json(&json!({"email": "x@example.com", "password": PASSWORD}));
+    if let Some(ip) = forwarded_for {
+        request = request.header("X-Forwarded-For", ip);
+    }
+    request.send().await.unwrap()
+}
+
+/// The default limits, as a deployment gets them.
+fn limited(config: &mut api::Config) {
+    config.rate_limits =
+        <api::Config as clap::Parser>::parse_from(["api", "--jwt-secret", "x"]).rate_limits;
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_sixth_login_in_a_minute_is_refused_with_retry_after(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, limited).await;
+    for attempt in 1..=5 {
+        assert_eq!(
+            login_from(&app, None).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+    }
+    let refused = login_from(&app, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=12).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    assert!(
+        refused.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+
+    // Other routes have their own budgets.
+    assert_eq!(
+        app.register("ada@example.com").await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        app.refresh("not-a-token").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_forged_forwarded_for_does_not_reset_the_count(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, limited).await;
+    for i in 0..5 {
+        login_from(&app, Some(&format!("203.0.113.{i}"))).await;
+    }
+    assert_eq!(
+        login_from(&app, Some("198.51.100.7")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn behind_a_trusted_proxy_the_rightmost_forwarded_address_is_the_client(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| {
+        limited(config);
+        config.trust_proxy_headers = true;
+    })
+    .await;
+    for i in 0..5 {
+        // The client forges the left entries; the proxy appends the real address on the right.
+        login_from(&app, Some(&format!("10.9.9.{i}, 203.0.113.1"))).await;
+    }
+    assert_eq!(
+        login_from(&app, Some("10.0.0.1, 203.0.113.1"))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        login_from(&app, Some("203.0.113.2")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_limit_set_to_zero_is_off(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| {
+        limited(config);
+        config.rate_limits.rate_limit_login_per_minute = 0;
+    })
+    .await;
+    for _ in 0..8 {
+        assert_eq!(
+            login_from(&app, None).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}
