@@ -1,1 +1,143 @@
+//! The worker: consumes `ProcessOrder` jobs from the apalis Redis queue and runs the reconciler beside it.
+//!
+//! apalis-redis is hardened here rather than trusted: heartbeat and orphan timeouts are set explicitly (a
+//! killed worker's jobs come back in seconds, not apalis's default 5 minutes), every (re)start registers under
+//! a fresh worker name (a reused name is refused while it still looks alive), and any Redis error, which ends
+//! an apalis worker for good, is followed by a restart with backoff. Nothing depends on Redis keeping jobs:
+//! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind.
 
+pub mod config;
+pub mod process_order;
+pub mod reconcile;
+
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use apalis_redis::RedisStorage;
+use orders_core::{
+    config::QueueConfig,
+    queue::{self, ProcessOrder},
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, WorkerSettings};
+pub use process_order::{Outcome, ProcessError, Processor};
+pub use reconcile::Reconciler;
+
+/// Heartbeats a worker may miss before other workers take its jobs back.
+const MISSED_HEARTBEATS: usize = 3;
+/// Longest pause between two restarts after Redis errors.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A name no other worker process has, now or before: `worker-<pid>-<uuid v7>`.
+pub fn unique_worker_name() -> String {
+    format!(
+        "worker-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    )
+}
+
+/// Runs the consumer and the reconciler until `stop` is cancelled, then lets the jobs in flight finish (at
+/// most the shutdown timeout) and returns.
+pub async fn run(
+    settings: WorkerSettings,
+    queue_config: QueueConfig,
+    db: PgPool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    settings.validate()?;
+    let name = unique_worker_name();
+    let connection = queue::redis_connection(&queue_config)?;
+    let push_queue =
+        RedisStorage::new(connection.clone()).with_config(queue::queue_settings(&queue_config));
+    let reconciler = Reconciler::new(
+        db.clone(),
+        push_queue,
+        &settings,
+        queue_config.redis_timeout(),
+    );
+    let reconciling =
+        tokio::spawn(reconciler.run(settings.reconcile_interval(), stop.child_token()));
+    let processor = Processor::new(db, name.clone(), settings.lease(), settings.stage_delay());
+    tracing::info!(
+        worker = %name,
+        queue = %queue_config.queue_name,
+        concurrency = settings.worker_concurrency,
+        "worker started"
+    );
+
+    let mut generation = 0usize;
+    let mut backoff = Duration::from_millis(250);
+    while !stop.is_cancelled() {
+        let storage = RedisStorage::<ProcessOrder>::new(connection.clone()).with_config(
+            queue::queue_settings(&queue_config)
+                .heartbeat_interval(settings.heartbeat())
+                .missed_heartbeats(MISSED_HEARTBEATS)
+                .batch_size(usize::from(settings.worker_concurrency)),
+        );
+        let worker = WorkerBuilder::new(format!("{name}-{generation}"))
+            .backend(storage.poll_with_interval(settings.poll_interval()))
+            .data(processor.clone())
+            .catch_panic()
+            .concurrency(usize::from(settings.worker_concurrency))
+            .build(handle_job);
+        let signal = stop.clone();
+        let started = Instant::now();
+        let consuming = worker.run_until(async move {
+            signal.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        });
+        let deadline = async {
+            stop.cancelled().await;
+            tokio::time::sleep(settings.shutdown_timeout()).await;
+        };
+        let result = tokio::select! {
+            result = consuming => result,
+            () = deadline => {
+                tracing::warn!("jobs still running after the shutdown timeout; leaving them to their leases");
+                break;
+            }
+        };
+        if stop.is_cancelled() {
+            break;
+        }
+        match result {
+            Ok(()) => tracing::warn!("queue consumer stopped on its own; restarting it"),
+            Err(err) => {
+                tracing::warn!(error = %err, "queue consumer failed (Redis error?); restarting it")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_millis(250);
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+        generation += 1;
+    }
+    stop.cancel();
+    let _ = reconciling.await;
+    tracing::info!(worker = %name, "worker stopped");
+    Ok(())
+}
+
+/// One job: permanent failures are not retried; others go back to apalis, which retries them with a growing
+/// delay (and the reconciler covers a job that runs out of retries).
+#[tracing::instrument(skip_all, fields(order_id = %job.order_id))]
+async fn handle_job(job: ProcessOrder, processor: Data<Processor>) -> Result<(), BoxDynError> {
+    match processor.process(job.order_id).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.is_permanent() => {
+            tracing::error!(error = %err, "job failed for good");
+            Err(AbortError::new(err).into())
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "job failed; it will be retried");
+            Err(err.into())
+        }
+    }
+}

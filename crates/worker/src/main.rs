@@ -1,1 +1,41 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use worker::Config;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    if let Err(err) = dotenvy::dotenv()
+        && !err.not_found()
+    {
+        eprintln!("error: cannot read .env: {err}");
+        return ExitCode::from(2);
+    }
+    let config = Config::parse();
+    if let Err(err) = config.worker.validate() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    orders_core::telemetry::init(config.log.log_format);
+    let db = match orders_core::db::connect(&config.database).await {
+        Ok(db) => db,
+        Err(err) => {
+            tracing::error!("cannot start: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        orders_core::shutdown_signal().await;
+        signal.cancel();
+    });
+    match worker::run(config.worker, config.queue, db, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("worker failed: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

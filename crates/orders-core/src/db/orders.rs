@@ -157,10 +157,17 @@ pub async fn cancel_order(
     let cancelled = sqlx::query_as!(
         Order,
         r#"
-        update orders set status = 'CANCELLED', updated_at = now()
-        where id = $1 and user_id = $2 and status = 'PENDING'
-        returning id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
-                  status as "status: OrderStatus", created_at, updated_at
+        with cancelled as (
+            update orders set status = 'CANCELLED', updated_at = now()
+            where id = $1 and user_id = $2 and status = 'PENDING'
+            returning *
+        ), logged as (
+            insert into order_status_history (order_id, status) select id, status from cancelled
+        )
+        select id as "id!: OrderId", user_id as "user_id!: UserId", product_name as "product_name!",
+               amount as "amount!", status as "status!: OrderStatus", created_at as "created_at!",
+               updated_at as "updated_at!"
+        from cancelled
         "#,
         id as OrderId,
         user_id as UserId,
@@ -192,4 +199,144 @@ pub async fn mark_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::
 pub fn same_request(order: &Order, product_name: &ProductName, amount: Amount) -> bool {
     order.product_name == product_name.as_str()
         && order.amount.normalize() == amount.value().normalize()
+}
+
+/// A worker's hold on a `PROCESSING` order: only the holder of this token can complete it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Unique per claim (worker name and a fresh id), stored in `orders.locked_by`.
+    pub token: String,
+    /// The order's status before the claim: `PENDING`, or `PROCESSING` when an expired lease was taken over.
+    pub previous: OrderStatus,
+}
+
+/// Moves an order `PENDING → PROCESSING`, or takes over a `PROCESSING` order whose lease has expired (its
+/// worker died). Returns `None` when the order is in any other state, or held by a live lease: cancelled,
+/// done, or someone else's. The row lock makes concurrent claims of one order serialize; the loser sees the
+/// winner's lease and gets `None`.
+pub async fn claim_for_processing(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+    token: &str,
+    lease: std::time::Duration,
+) -> sqlx::Result<Option<Claim>> {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let previous = sqlx::query_scalar!(
+        r#"
+        with current as (
+            select id, status from orders where id = $1 for update
+        ), claimed as (
+            update orders o
+            set status = 'PROCESSING', locked_by = $2,
+                lease_until = now() + make_interval(secs => $3::bigint / 1000.0), updated_at = now()
+            from current c
+            where o.id = c.id
+              and (c.status = 'PENDING' or (c.status = 'PROCESSING' and o.lease_until < now()))
+            returning o.id, c.status as previous
+        ), logged as (
+            insert into order_status_history (order_id, status, changed_by)
+            select id, 'PROCESSING', $2 from claimed
+        )
+        select previous as "previous!: OrderStatus" from claimed
+        "#,
+        id as OrderId,
+        token,
+        lease_ms,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(previous.map(|previous| Claim {
+        token: token.to_owned(),
+        previous,
+    }))
+}
+
+/// Moves an order `PROCESSING → COMPLETED`, only if `claim` still holds it. False when another worker took it
+/// over in the meantime, or it is no longer processing.
+pub async fn complete_processing(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+    claim: &Claim,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query_scalar!(
+        r#"
+        with completed as (
+            update orders
+            set status = 'COMPLETED', locked_by = null, lease_until = null, updated_at = now()
+            where id = $1 and status = 'PROCESSING' and locked_by = $2
+            returning id
+        ), logged as (
+            insert into order_status_history (order_id, status, changed_by)
+            select id, 'COMPLETED', $2 from completed
+        )
+        select count(*) as "count!" from completed
+        "#,
+        id as OrderId,
+        claim.token,
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok(done == 1)
+}
+
+/// The current status of an order, whoever owns it (for the worker's logs).
+pub async fn order_status(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+) -> sqlx::Result<Option<OrderStatus>> {
+    sqlx::query_scalar!(
+        r#"select status as "status: OrderStatus" from orders where id = $1"#,
+        id as OrderId
+    )
+    .fetch_optional(executor)
+    .await
+}
+
+/// Picks orders whose job may be lost and marks them enqueued now, so that concurrent reconcilers (one per
+/// worker process) never pick the same order in one round:
+/// - `PENDING` orders never enqueued (the push after create failed);
+/// - `PENDING` orders enqueued longer than `redeliver_after` ago, if `queue_idle` (an idle queue holding no
+///   job for them means the job was lost: Redis wiped, or the job died after its retries);
+/// - `PROCESSING` orders whose lease expired (their worker died) and that were not pushed since.
+pub async fn take_due_for_enqueue(
+    executor: impl PgExecutor<'_>,
+    queue_idle: bool,
+    redeliver_after: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<OrderId>> {
+    let redeliver_ms = i64::try_from(redeliver_after.as_millis()).unwrap_or(i64::MAX);
+    sqlx::query_scalar!(
+        r#"
+        with due as (
+            select id from orders
+            where (status = 'PENDING'
+                   and (enqueued_at is null
+                        or ($1 and enqueued_at < now() - make_interval(secs => $2::bigint / 1000.0))))
+               or (status = 'PROCESSING' and lease_until < now()
+                   and (enqueued_at is null or enqueued_at < lease_until
+                        or enqueued_at < now() - make_interval(secs => $2::bigint / 1000.0)))
+            order by created_at
+            limit $3
+            for update skip locked
+        )
+        update orders o set enqueued_at = now() from due where o.id = due.id
+        returning o.id as "id: OrderId"
+        "#,
+        queue_idle,
+        redeliver_ms,
+        limit,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Forgets that an order was enqueued (its push failed), so the next reconciler round pushes it again.
+pub async fn clear_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<()> {
+    sqlx::query!(
+        "update orders set enqueued_at = null where id = $1",
+        id as OrderId
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
 }

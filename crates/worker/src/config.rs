@@ -1,0 +1,133 @@
+//! The worker's settings. [`WorkerSettings`] is shared with `api --with-worker`, which runs the same worker in
+//! its own process.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use orders_core::config::{DatabaseConfig, LogConfig, QueueConfig};
+
+/// Consumes the order queue and moves each order PENDING → PROCESSING → COMPLETED.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "worker", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    #[command(flatten)]
+    pub queue: QueueConfig,
+
+    #[command(flatten)]
+    pub log: LogConfig,
+
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+/// How the worker processes jobs and recovers lost ones.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// Jobs processed at once by this process.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_concurrency: u16,
+
+    /// Simulated work per stage, in milliseconds (PENDING → PROCESSING, then this long, then COMPLETED).
+    #[arg(long, env = "ORDER_STAGE_DELAY_MS", default_value_t = 2000)]
+    pub order_stage_delay_ms: u64,
+
+    /// How long a PROCESSING order stays claimed by its worker (milliseconds). If the worker dies, another
+    /// takes the order over once this has passed. Must exceed twice the stage delay.
+    #[arg(long, env = "ORDER_LEASE_MS", default_value_t = 10_000)]
+    pub order_lease_ms: u64,
+
+    /// How often an idle worker asks Redis for new jobs (milliseconds).
+    #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 50)]
+    pub worker_poll_interval_ms: u64,
+
+    /// How often the worker proves it is alive to Redis (milliseconds). After 3 missed beats, other workers
+    /// take back its unfinished jobs.
+    #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 3000)]
+    pub worker_heartbeat_ms: u64,
+
+    /// How often the reconciler looks in PostgreSQL for orders whose job may be lost (milliseconds).
+    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = 5000)]
+    pub reconcile_interval_ms: u64,
+
+    /// A PENDING order whose job was pushed longer ago than this while the queue is idle is pushed again
+    /// (milliseconds).
+    #[arg(long, env = "RECONCILE_REDELIVER_AFTER_MS", default_value_t = 10_000)]
+    pub reconcile_redeliver_after_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long jobs in flight may take to finish before the process exits anyway
+    /// (milliseconds). Their orders are then recovered through their lease.
+    #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub worker_shutdown_timeout_ms: u64,
+}
+
+/// A setting that makes the worker refuse to start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error(
+        "ORDER_LEASE_MS ({lease}) must be more than twice ORDER_STAGE_DELAY_MS ({stage}): otherwise a slow but live worker loses its orders to another"
+    )]
+    LeaseTooShort { lease: u64, stage: u64 },
+    #[error("{0} must be more than 0")]
+    Zero(&'static str),
+}
+
+impl WorkerSettings {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        for (name, value) in [
+            ("WORKER_POLL_INTERVAL_MS", self.worker_poll_interval_ms),
+            ("WORKER_HEARTBEAT_MS", self.worker_heartbeat_ms),
+            ("RECONCILE_INTERVAL_MS", self.reconcile_interval_ms),
+            ("ORDER_LEASE_MS", self.order_lease_ms),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::Zero(name));
+            }
+        }
+        if self.order_lease_ms <= self.order_stage_delay_ms.saturating_mul(2) {
+            return Err(SettingsError::LeaseTooShort {
+                lease: self.order_lease_ms,
+                stage: self.order_stage_delay_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Simulated work per stage.
+    pub fn stage_delay(&self) -> Duration {
+        Duration::from_millis(self.order_stage_delay_ms)
+    }
+
+    /// Lease on a PROCESSING order.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.order_lease_ms)
+    }
+
+    /// Idle poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.worker_poll_interval_ms)
+    }
+
+    /// Redis heartbeat.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.worker_heartbeat_ms)
+    }
+
+    /// Reconciler period.
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms)
+    }
+
+    /// Redelivery threshold.
+    pub fn redeliver_after(&self) -> Duration {
+        Duration::from_millis(self.reconcile_redeliver_after_ms)
+    }
+
+    /// Graceful shutdown bound.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.worker_shutdown_timeout_ms)
+    }
+}
