@@ -53,6 +53,14 @@ pub struct Config {
     #[arg(long, env = "ENQUEUE_TIMEOUT_MS", default_value_t = 1000)]
     pub enqueue_timeout_ms: u64,
 
+    /// Also run the queue worker (and its reconciler) inside this process: the whole system in one command.
+    /// Run standalone `worker` processes instead to scale out.
+    #[arg(long, env = "WITH_WORKER", default_value_t = false, value_parser = BoolishValueParser::new(), action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub with_worker: bool,
+
+    #[command(flatten)]
+    pub worker: worker::WorkerSettings,
+
     /// Most password hashes computed at once (each takes 19 MiB); 0 means one per CPU core.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,
@@ -121,6 +129,8 @@ pub enum ConfigError {
     SecretTooShort(usize),
     #[error("JWT_ALGORITHM must be HS256, HS384 or HS512 (got {0:?})")]
     UnsupportedAlgorithm(String),
+    #[error(transparent)]
+    Worker(#[from] worker::config::SettingsError),
 }
 
 impl Config {
@@ -131,6 +141,9 @@ impl Config {
             return Err(ConfigError::SecretTooShort(len));
         }
         self.algorithm()?;
+        if self.with_worker {
+            self.worker.validate()?;
+        }
         Ok(())
     }
 
@@ -167,6 +180,7 @@ impl std::fmt::Debug for Config {
             .field("queue_name", &self.queue.queue_name)
             .field("jwt_algorithm", &self.jwt_algorithm)
             .field("trust_proxy_headers", &self.trust_proxy_headers)
+            .field("with_worker", &self.with_worker)
             .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }

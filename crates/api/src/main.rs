@@ -24,10 +24,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match app.run_until_stopped(orders_core::shutdown_signal()).await {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        orders_core::shutdown_signal().await;
+        signal.cancel();
+    });
+    match app.run_until_stopped(stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("server error: {err}");
+            tracing::error!("stopped with an error: {err:#}");
             ExitCode::FAILURE
         }
     }

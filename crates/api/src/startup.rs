@@ -1,7 +1,7 @@
 //! Builds the application from its configuration and serves it. `main` is a shim over this, and the tests
 //! use it too, binding port 0.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{
@@ -15,6 +15,7 @@ use orders_core::queue::{self, OrderQueue};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
@@ -38,10 +39,15 @@ use crate::{
 /// so this only catches what slips through.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(4500);
 
-/// A bound listener and the application to serve on it.
+/// A bound listener and the application to serve on it, with the in-process worker if asked for.
 pub struct App {
     listener: TcpListener,
     router: Router,
+    worker: Option<(
+        worker::WorkerSettings,
+        orders_core::config::QueueConfig,
+        PgPool,
+    )>,
 }
 
 impl App {
@@ -56,6 +62,9 @@ impl App {
     /// Like [`App::build`], with an existing pool and queue (tests bring their own).
     pub async fn build_with(config: Config, db: PgPool, queue: OrderQueue) -> anyhow::Result<Self> {
         config.validate()?;
+        let worker = config
+            .with_worker
+            .then(|| (config.worker.clone(), config.queue.clone(), db.clone()));
         let state = AppState {
             db,
             queue,
@@ -75,7 +84,11 @@ impl App {
                 config.bind_addr
             )
         })?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            worker,
+        })
     }
 
     /// The address actually bound (its port is the real one when `BIND_ADDR` asked for port 0).
@@ -83,21 +96,27 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then finishes the requests in flight.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    /// Serves (and runs the worker, with `--with-worker`) until `stop` is cancelled, then finishes the
+    /// requests and jobs in flight.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
         if let Ok(addr) = self.listener.local_addr() {
             tracing::info!(%addr, "listening; Swagger UI at /docs");
         }
-        axum::serve(
+        let worker = async {
+            match self.worker {
+                Some((settings, queue, db)) => worker::run(settings, queue, db, stop.clone()).await,
+                None => Ok(()),
+            }
+        };
+        let server = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
-        .await
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let (served, worked) = tokio::join!(server, worker);
+        served?;
+        worked
     }
 }
 

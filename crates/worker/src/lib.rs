@@ -12,7 +12,7 @@ pub mod reconcile;
 
 use std::time::{Duration, Instant};
 
-use apalis::prelude::*;
+use apalis::{layers::catch_panic::CatchPanicLayer, prelude::*};
 use apalis_redis::RedisStorage;
 use orders_core::{
     config::QueueConfig,
@@ -80,7 +80,7 @@ pub async fn run(
         let worker = WorkerBuilder::new(format!("{name}-{generation}"))
             .backend(storage.poll_with_interval(settings.poll_interval()))
             .data(processor.clone())
-            .catch_panic()
+            .layer(CatchPanicLayer::with_panic_handler(on_panic))
             .concurrency(usize::from(settings.worker_concurrency))
             .build(handle_job);
         let signal = stop.clone();
@@ -123,6 +123,19 @@ pub async fn run(
     let _ = reconciling.await;
     tracing::info!(worker = %name, "worker stopped");
     Ok(())
+}
+
+/// A panicking job is not retried (a bug does not go away by itself) and does not take the worker down.
+/// A named function rather than apalis's `catch_panic()`, whose handler type keeps the worker's future from
+/// being spawned onto the runtime.
+fn on_panic(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    tracing::error!(%message, "job panicked");
+    AbortError::new(std::io::Error::other(message))
 }
 
 /// One job: permanent failures are not retried; others go back to apalis, which retries them with a growing

@@ -52,7 +52,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
-        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
         Self {
             base: format!("http://{addr}"),
             client: Client::builder()
