@@ -1,9 +1,13 @@
 //! The api's integration tests: the real app on a real port, against real PostgreSQL (a fresh database per
 //! test) and real Redis (a fresh queue per test).
 
+// Test helpers unwrap freely: a panic here is a failed test with its message.
+#![allow(clippy::unwrap_used)]
+
 mod auth;
 mod helpers;
 mod openapi;
 mod orders;
 mod rate_limits;
 mod validation;
+mod worker;
