@@ -33,6 +33,13 @@ impl Invalid {
 /// Checks the length in characters of `value` after trimming it, and returns the trimmed text.
 pub(crate) fn trimmed_text(value: &str, min: usize, max: usize) -> Result<String, Invalid> {
     let trimmed = value.trim();
+    // PostgreSQL text cannot hold NUL, and no name needs a control character.
+    if trimmed.chars().any(char::is_control) {
+        return Err(Invalid::new(
+            "string_pattern_mismatch",
+            "String should not contain control characters",
+        ));
+    }
     let len = trimmed.chars().count();
     if len < min {
         Err(Invalid::new(
@@ -54,4 +61,33 @@ pub(crate) fn trimmed_text(value: &str, min: usize, max: usize) -> Result<String
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_trimmed_and_measured_in_characters() {
+        assert_eq!(trimmed_text("  héllo ", 1, 5).unwrap(), "héllo");
+        assert_eq!(
+            trimmed_text("   ", 1, 5).unwrap_err().kind,
+            "string_too_short"
+        );
+        assert_eq!(
+            trimmed_text("abcdef", 1, 5).unwrap_err().kind,
+            "string_too_long"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        for bad in ["a\u{0}b", "tab\there", "bell\u{7}"] {
+            assert_eq!(
+                trimmed_text(bad, 1, 50).unwrap_err().kind,
+                "string_pattern_mismatch",
+                "{bad:?}"
+            );
+        }
+    }
 }
