@@ -10,6 +10,7 @@ use axum::{
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse, Response},
+    routing::get,
 };
 use orders_core::queue::{self, OrderQueue};
 use secrecy::ExposeSecret;
@@ -65,6 +66,8 @@ impl App {
         let worker = config
             .with_worker
             .then(|| (config.worker.clone(), config.queue.clone(), db.clone()));
+        orders_core::telemetry::prometheus();
+        crate::metrics::register();
         let state = AppState {
             db,
             queue,
@@ -132,17 +135,39 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
         .split_for_parts();
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .route("/metrics", get(crate::metrics::render))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(time_limit))
+        .layer(middleware::from_fn(crate::metrics::track))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unusable_request_id))
 }
+
+/// A client's `X-Request-Id` is kept for correlation if it is short and plain; anything else is replaced by a
+/// generated one, so that it cannot flood or forge log lines.
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req.headers().get(X_REQUEST_ID).is_none_or(|value| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !usable {
+        req.headers_mut().remove(X_REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
 
 /// Answers 503 instead of letting a request hang.
 async fn time_limit(req: Request, next: Next) -> Response {

@@ -21,3 +21,29 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
+
+/// Latency buckets in seconds, from a cache hit to a slow job.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// The process's Prometheus recorder, installed on first use. The `metrics` facade is process-global by
+/// design, so the api and an in-process worker report into one registry, served at one `/metrics`.
+pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&LATENCY_BUCKETS)
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; /metrics will stay empty");
+            }
+            handle
+        })
+        .clone()
+}

@@ -21,6 +21,11 @@ pub struct Config {
 
     #[command(flatten)]
     pub worker: WorkerSettings,
+
+    /// Where `GET /metrics` (Prometheus) listens; `off` to disable. (`api --with-worker` serves the worker's
+    /// metrics on the api's own `/metrics` instead.)
+    #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "0.0.0.0:9000")]
+    pub worker_metrics_addr: String,
 }
 
 /// How the worker processes jobs and recovers lost ones.

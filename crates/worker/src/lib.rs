@@ -39,6 +39,43 @@ pub fn unique_worker_name() -> String {
     )
 }
 
+/// Describes the worker's series and starts its counters at 0, so a scrape lists them before the first job.
+fn register_metrics() {
+    metrics::describe_counter!(
+        "worker_jobs_total",
+        "Jobs handled, by outcome: completed, skipped, lost_lease, failed, aborted"
+    );
+    metrics::describe_counter!(
+        "worker_jobs_retried_total",
+        "Jobs delivered again after a failed attempt"
+    );
+    metrics::describe_histogram!(
+        "worker_job_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to handle one job"
+    );
+    metrics::describe_gauge!(
+        "worker_queue_depth",
+        "Jobs waiting in the queue (active + scheduled), as the reconciler last saw it"
+    );
+    metrics::describe_counter!(
+        "worker_reconciler_requeued_total",
+        "Jobs pushed again by the reconciler"
+    );
+    metrics::describe_counter!(
+        "order_transitions_total",
+        "Order status changes made by workers, by new status"
+    );
+    for outcome in ["completed", "skipped", "lost_lease", "failed", "aborted"] {
+        metrics::counter!("worker_jobs_total", "outcome" => outcome).increment(0);
+    }
+    metrics::counter!("worker_jobs_retried_total").increment(0);
+    metrics::counter!("worker_reconciler_requeued_total").increment(0);
+    for to in ["PROCESSING", "COMPLETED"] {
+        metrics::counter!("order_transitions_total", "to" => to).increment(0);
+    }
+}
+
 /// Runs the consumer and the reconciler until `stop` is cancelled, then lets the jobs in flight finish (at
 /// most the shutdown timeout) and returns.
 pub async fn run(
@@ -48,6 +85,8 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     settings.validate()?;
+    orders_core::telemetry::prometheus();
+    register_metrics();
     let name = unique_worker_name();
     let connection = queue::redis_connection(&queue_config)?;
     let push_queue =
@@ -140,9 +179,27 @@ fn on_panic(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
 
 /// One job: permanent failures are not retried; others go back to apalis, which retries them with a growing
 /// delay (and the reconciler covers a job that runs out of retries).
-#[tracing::instrument(skip_all, fields(order_id = %job.order_id))]
-async fn handle_job(job: ProcessOrder, processor: Data<Processor>) -> Result<(), BoxDynError> {
-    match processor.process(job.order_id).await {
+#[tracing::instrument(skip_all, fields(order_id = %job.order_id, attempt = attempt.current()))]
+async fn handle_job(
+    job: ProcessOrder,
+    processor: Data<Processor>,
+    attempt: Attempt,
+) -> Result<(), BoxDynError> {
+    if attempt.current() > 1 {
+        metrics::counter!("worker_jobs_retried_total").increment(1);
+    }
+    let started = Instant::now();
+    let result = processor.process(job.order_id).await;
+    metrics::histogram!("worker_job_duration_seconds").record(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok(Outcome::Completed) => "completed",
+        Ok(Outcome::Skipped(_)) => "skipped",
+        Ok(Outcome::LostLease) => "lost_lease",
+        Err(err) if err.is_permanent() => "aborted",
+        Err(_) => "failed",
+    };
+    metrics::counter!("worker_jobs_total", "outcome" => outcome).increment(1);
+    match result {
         Ok(_) => Ok(()),
         Err(err) if err.is_permanent() => {
             tracing::error!(error = %err, "job failed for good");
@@ -153,4 +210,30 @@ async fn handle_job(job: ProcessOrder, processor: Data<Processor>) -> Result<(),
             Err(err.into())
         }
     }
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is cancelled.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let handle = orders_core::telemetry::prometheus();
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }

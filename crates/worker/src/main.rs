@@ -26,6 +26,23 @@ async fn main() -> ExitCode {
         }
     };
     let stop = CancellationToken::new();
+    if config.worker_metrics_addr != "off" {
+        match tokio::net::TcpListener::bind(&config.worker_metrics_addr).await {
+            Ok(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    tracing::info!(%addr, "metrics at /metrics");
+                }
+                tokio::spawn(worker::serve_metrics(listener, stop.clone()));
+            }
+            Err(err) => {
+                tracing::error!(
+                    "cannot listen on WORKER_METRICS_ADDR={} ({err}); set another address or `off`",
+                    config.worker_metrics_addr
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let signal = stop.clone();
     tokio::spawn(async move {
         orders_core::shutdown_signal().await;

@@ -73,6 +73,7 @@ impl Processor {
                 tracing::warn!(order_id = %id, "took over an order whose worker's lease expired");
             }
             tracing::info!(order_id = %id, from = claim.previous.as_str(), to = "PROCESSING", "order transition");
+            metrics::counter!("order_transitions_total", "to" => "PROCESSING").increment(1);
             return Ok(Ok(claim));
         }
         match db::order_status(&self.db, id).await? {
@@ -86,6 +87,7 @@ impl Processor {
         let done = db::complete_processing(&self.db, id, claim).await?;
         if done {
             tracing::info!(order_id = %id, from = "PROCESSING", to = "COMPLETED", "order transition");
+            metrics::counter!("order_transitions_total", "to" => "COMPLETED").increment(1);
         } else {
             tracing::warn!(order_id = %id, "lease lost while processing: another worker completes the order");
         }

@@ -57,6 +57,7 @@ impl Reconciler {
                 match queue::enqueue(&self.queue, order_id, self.push_timeout).await {
                     Ok(()) => {
                         pushed += 1;
+                        metrics::counter!("worker_reconciler_requeued_total").increment(1);
                         tracing::info!(%order_id, "reconciler: job queued again");
                         continue;
                     }
@@ -82,7 +83,10 @@ impl Reconciler {
             .arg(config.scheduled_jobs_set());
         let waiting = pipe.query_async::<(u64, u64)>(&mut conn);
         match tokio::time::timeout(self.push_timeout, waiting).await {
-            Ok(Ok((active, scheduled))) => Some(active + scheduled == 0),
+            Ok(Ok((active, scheduled))) => {
+                metrics::gauge!("worker_queue_depth").set((active + scheduled) as f64);
+                Some(active + scheduled == 0)
+            }
             _ => None,
         }
     }

@@ -154,6 +154,7 @@ async fn create_order(
     // The order is committed: from here on nothing may fail the request. A failed push leaves the order
     // PENDING with no `enqueued_at`, and the worker's reconciler will queue it.
     enqueue(&state, order.id).await;
+    metrics::counter!("orders_created_total").increment(1);
     tracing::info!(order_id = %order.id, user_id = %user.user_id, "order created");
     Ok((
         StatusCode::CREATED,

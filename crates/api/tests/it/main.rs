@@ -6,6 +6,7 @@
 
 mod auth;
 mod helpers;
+mod observability;
 mod openapi;
 mod orders;
 mod rate_limits;

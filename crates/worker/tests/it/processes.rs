@@ -1,6 +1,7 @@
 //! The `worker` binary as ops run it: killed with SIGKILL, stopped with SIGTERM.
 
 use std::{
+    io::Read,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -107,4 +108,84 @@ async fn sigterm_lets_the_job_in_flight_finish_and_exits_0(db: PgPool) {
     };
     assert_eq!(exit.code(), Some(0));
     assert_eq!(status_of(&db, id).await, OrderStatus::Completed);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
+    let queue = TestQueue::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("DATABASE_URL", database_url(&db))
+        .env("REDIS_URL", &queue.config.redis_url)
+        .env("QUEUE_NAME", &queue.config.queue_name)
+        .env("ORDER_STAGE_DELAY_MS", "10")
+        .env("WORKER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("worker binary");
+    let [id] = create_and_enqueue(&db, &queue.push_queue(), 1).await[..] else {
+        unreachable!()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the order to be COMPLETED",
+        || async { status_of(&db, id).await == OrderStatus::Completed },
+    )
+    .await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"worker_jobs_total{outcome="completed"} 1"#,
+        r#"worker_jobs_total{outcome="failed"} 0"#,
+        "worker_jobs_retried_total 0",
+        "worker_job_duration_seconds_bucket",
+        r#"order_transitions_total{to="COMPLETED"} 1"#,
+        "worker_queue_depth",
+        "worker_reconciler_requeued_total",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(worker.wait().unwrap().success());
+    let mut logs = String::new();
+    worker
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    let transitions: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("order transition"))
+        .collect();
+    assert_eq!(transitions.len(), 2, "{logs}");
+    let job_lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("handle_job"))
+        .collect();
+    assert!(job_lines.len() >= 2, "{logs}");
+    for line in job_lines {
+        assert!(
+            line.contains(&id.to_string()),
+            "a job log line without the order id: {line}"
+        );
+    }
 }

@@ -1,0 +1,231 @@
+//! What ops see: Prometheus metrics, request ids, and logs without secrets.
+
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::{PASSWORD, TestApp, json};
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn metrics_list_requests_latencies_and_orders_created(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let created = app
+        .create_order(
+            &user.access,
+            &json!({"product_name": "Widget", "amount": 1}),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for series in [
+        r#"http_requests_total{method="POST",route="/orders/create",status="201"}"#,
+        r#"http_request_duration_seconds_bucket{method="POST",route="/orders/create",status="201",le="0.1"}"#,
+        r#"http_requests_total{method="POST",route="/auth/login",status="200"}"#,
+        "orders_created_total ",
+        "# TYPE http_request_duration_seconds histogram",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    // Ids never become labels: the route template is used.
+    let id = json(app.get(&user.access, "/orders/my-orders").await).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.get(&user.access, &format!("/orders/{id}")).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains(r#"route="/orders/{id}""#));
+    assert!(!text.contains(&id));
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_request_id_is_returned_and_generated_when_missing_or_unusable(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let given = app
+        .client
+        .get(app.url("/health/live"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "abc-123");
+    let generated = app
+        .client
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    let id = generated.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    let forged = app
+        .client
+        .get(app.url("/health/live"))
+        .header("x-request-id", "a b\tc")
+        .send()
+        .await
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(forged.headers()["x-request-id"].to_str().unwrap()).is_ok());
+}
+
+/// The URL of the test's own database, for a spawned process.
+fn database_url(db: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for #[sqlx::test]");
+    let name = db
+        .connect_options()
+        .get_database()
+        .expect("database name")
+        .to_owned();
+    let (server, _) = base.rsplit_once('/').expect("URL has a path");
+    format!("{server}/{name}")
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn logs_carry_the_request_id_and_never_a_secret(pool: PgPool) {
+    let secret = "a-jwt-secret-that-must-never-be-logged-0123456789";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut api = Command::new(env!("CARGO_BIN_EXE_api"))
+        .env("DATABASE_URL", database_url(&pool))
+        .env("REDIS_URL", crate::helpers::redis_url())
+        .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
+        .env("JWT_SECRET", secret)
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while client
+        .get(format!("{base}/health/live"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "api did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let email = "ada@example.com";
+    let registered = client
+        .post(format!("{base}/auth/register"))
+        .json(&json!({"name": "Ada", "email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let login = client
+        .post(format!("{base}/auth/login"))
+        .header("x-request-id", "login-request-42")
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let tokens = json(login).await;
+    let refresh = tokens["refresh_token"].as_str().unwrap().to_owned();
+    let refreshed = client
+        .post(format!("{base}/auth/refresh"))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), StatusCode::OK);
+    let new_tokens = json(refreshed).await;
+    let me = client
+        .get(format!("{base}/auth/me"))
+        .bearer_auth(new_tokens["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+    let wrong = client
+        .post(format!("{base}/auth/login"))
+        .json(&json!({"email": email, "password": "a wrong password, also secret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+
+    Command::new("kill")
+        .args(["-TERM", &api.id().to_string()])
+        .status()
+        .unwrap();
+    let status = api.wait().unwrap();
+    assert!(status.success(), "api exited with {status}");
+    let mut logs = String::new();
+    api.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    api.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+
+    assert!(
+        logs.lines().count() > 10,
+        "expected trace logs, got:\n{logs}"
+    );
+    for (what, value) in [
+        ("the password", PASSWORD),
+        ("a wrong password", "a wrong password, also secret"),
+        ("the JWT secret", secret),
+        ("the access token", tokens["access_token"].as_str().unwrap()),
+        (
+            "the refresh token",
+            tokens["refresh_token"].as_str().unwrap(),
+        ),
+        (
+            "the new access token",
+            new_tokens["access_token"].as_str().unwrap(),
+        ),
+        (
+            "the new refresh token",
+            new_tokens["refresh_token"].as_str().unwrap(),
+        ),
+    ] {
+        assert!(!logs.contains(value), "{what} appears in the logs");
+    }
+    let login_line = logs
+        .lines()
+        .find(|line| line.contains("user logged in"))
+        .expect("a login log line");
+    assert!(login_line.contains("login-request-42"), "{login_line}");
+    assert!(
+        login_line.starts_with('{'),
+        "LOG_FORMAT=json gives JSON lines: {login_line}"
+    );
+}
