@@ -39,6 +39,41 @@ pub fn unique_worker_name() -> String {
     )
 }
 
+/// Wakes an idle consumer every `period` so it asks Redis for jobs (a push from another process does not wake
+/// it). Used instead of apalis's `poll_with_interval`, whose strategy re-arms its timer without polling it: when
+/// a fetch completes within the same poll, nothing is left to wake the worker until its next heartbeat (seconds
+/// of pickup delay, measured). `tokio::time::Interval` registers its waker on every pending tick.
+struct EveryInterval {
+    interval: tokio::time::Interval,
+}
+
+impl EveryInterval {
+    fn new(period: Duration) -> Self {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { interval }
+    }
+}
+
+impl PollStrategy for EveryInterval {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        let mut ticked = false;
+        // Drain ready ticks until one is pending, so the waker is always registered for the next.
+        while self.interval.poll_tick(cx).is_ready() {
+            ticked = true;
+        }
+        if ticked {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
 /// Describes the worker's series and starts its counters at 0, so a scrape lists them before the first job.
 fn register_metrics() {
     metrics::describe_counter!(
@@ -117,7 +152,7 @@ pub async fn run(
                 .batch_size(usize::from(settings.worker_concurrency)),
         );
         let worker = WorkerBuilder::new(format!("{name}-{generation}"))
-            .backend(storage.poll_with_interval(settings.poll_interval()))
+            .backend(storage.poll_with_strategy(EveryInterval::new(settings.poll_interval())))
             .data(processor.clone())
             .layer(CatchPanicLayer::with_panic_handler(on_panic))
             .concurrency(usize::from(settings.worker_concurrency))
