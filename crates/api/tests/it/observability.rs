@@ -229,3 +229,28 @@ async fn logs_carry_the_request_id_and_never_a_secret(pool: PgPool) {
         "LOG_FORMAT=json gives JSON lines: {login_line}"
     );
 }
+
+#[test]
+fn the_api_refuses_to_start_with_a_short_secret_or_an_unsupported_algorithm() {
+    let long = "a-secret-long-enough-for-hmac-sha256-keys";
+    for (secret, algorithm, expected) in [
+        (
+            "short-secret-value",
+            "HS256",
+            "JWT_SECRET must be at least 32 bytes",
+        ),
+        (long, "RS256", "JWT_ALGORITHM must be HS256, HS384 or HS512"),
+        (long, "none", "JWT_ALGORITHM must be HS256, HS384 or HS512"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_api"))
+            .env("JWT_SECRET", secret)
+            .env("JWT_ALGORITHM", algorithm)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{secret} {algorithm}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains(secret), "the secret is echoed: {stderr}");
+    }
+}
