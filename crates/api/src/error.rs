@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// What went wrong, for a human.
-    #[schema(example = "Not Found")]
+    #[schema(example = "A message for a human")]
     pub detail: String,
 }
 
@@ -22,14 +22,14 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct FieldError {
     /// Where: `["body", "amount"]`, `["query", "limit"]`, `["path", "id"]`, `["header", "idempotency-key"]`.
-    #[schema(value_type = Vec<Object>, example = json!(["body", "amount"]))]
+    #[schema(value_type = Vec<Object>, example = json!(["body", "product_name"]))]
     pub loc: Vec<Value>,
     /// What is wrong, for a human.
-    #[schema(example = "Input should be greater than 0")]
+    #[schema(example = "Field required")]
     pub msg: String,
     /// What is wrong, for a program (pydantic's error types).
     #[serde(rename = "type")]
-    #[schema(example = "greater_than")]
+    #[schema(example = "missing")]
     pub kind: String,
 }
 

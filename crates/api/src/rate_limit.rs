@@ -23,6 +23,8 @@ use tower_governor::{
     GovernorError, GovernorLayer, governor::GovernorConfigBuilder, key_extractor::KeyExtractor,
 };
 
+use utoipa_axum::router::OpenApiRouter;
+
 use crate::error::ErrorBody;
 
 /// Finds the client a request counts against.
@@ -103,6 +105,29 @@ pub fn per_minute(per_minute: u32, key: ClientKey) -> Option<RateLimitLayer> {
         }
     });
     Some(GovernorLayer::new(config).error_handler(too_many_requests))
+}
+
+/// Puts each route's limit on the router holding only that route (one bucket per route and client).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLimits {
+    /// `RATE_LIMIT_ENABLED`.
+    pub enabled: bool,
+    /// How clients are told apart.
+    pub key: ClientKey,
+}
+
+impl RouteLimits {
+    /// `router` limited to `n` requests per client and minute (unchanged if limits are off or `n` is 0).
+    pub fn apply<S: Clone + Send + Sync + 'static>(
+        &self,
+        router: OpenApiRouter<S>,
+        n: u32,
+    ) -> OpenApiRouter<S> {
+        match self.enabled.then(|| per_minute(n, self.key)).flatten() {
+            Some(layer) => router.layer(layer),
+            None => router,
+        }
+    }
 }
 
 /// `429 {"detail": ...}` with `Retry-After` in whole seconds, at least 1.

@@ -31,7 +31,7 @@ use crate::{
     error::{ApiError, ErrorBody},
     extract::BODY_LIMIT,
     openapi::ApiDoc,
-    rate_limit::ClientKey,
+    rate_limit::{ClientKey, RouteLimits},
     routes,
     state::AppState,
 };
@@ -125,13 +125,16 @@ impl App {
 
 /// The routes with their middleware, and the OpenAPI document generated from them.
 pub fn router(state: AppState, config: &Config) -> Router {
-    let key = ClientKey {
-        trust_proxy_headers: config.trust_proxy_headers,
+    let per_route = RouteLimits {
+        enabled: config.rate_limits.rate_limit_enabled,
+        key: ClientKey {
+            trust_proxy_headers: config.trust_proxy_headers,
+        },
     };
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
-        .merge(routes::auth::router(&config.rate_limits, key))
-        .merge(routes::orders::router(&config.rate_limits, key))
+        .merge(routes::auth::router(&config.rate_limits, per_route))
+        .merge(routes::orders::router(&config.rate_limits, per_route))
         .with_state(state)
         .split_for_parts();
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))

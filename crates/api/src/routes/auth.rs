@@ -21,7 +21,6 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::limited;
 use crate::{
     auth::{
         AuthUser, clear_refresh_cookie,
@@ -32,26 +31,24 @@ use crate::{
     error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
     extract::{Json, OptionalJson},
     loc,
-    rate_limit::{ClientKey, per_minute},
+    rate_limit::RouteLimits,
     state::AppState,
 };
 
 /// Routes of this module, each with its own rate limit.
-pub fn router(limits: &RateLimits, key: ClientKey) -> OpenApiRouter<AppState> {
-    let on = limits.rate_limit_enabled;
-    let limit = |n: u32| if on { per_minute(n, key) } else { None };
+pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(register)),
-            limit(limits.rate_limit_register_per_minute),
+            limits.rate_limit_register_per_minute,
         ))
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(login)),
-            limit(limits.rate_limit_login_per_minute),
+            limits.rate_limit_login_per_minute,
         ))
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(refresh)),
-            limit(limits.rate_limit_refresh_per_minute),
+            limits.rate_limit_refresh_per_minute,
         ))
         .routes(routes!(logout))
         .routes(routes!(me))
@@ -124,10 +121,10 @@ fn check_password(password: &SecretString) -> Result<(), Invalid> {
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest, responses(
     (status = 201, body = UserResponse, description = "Account created"),
     (status = 409, body = ErrorBody, description = "Email already registered"),
-    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-    (status = 422, body = ValidationErrorBody),
+    (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
-    (status = 503, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn register(
     State(state): State<AppState>,
@@ -221,12 +218,12 @@ const INVALID_CREDENTIALS: &str = "Invalid credentials";
 
 /// Logs in: a token pair in the body and the refresh token in an HttpOnly cookie (starts a new session).
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest, responses(
-    (status = 200, body = TokenResponse, headers(("Set-Cookie" = String, description = "refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth"))),
+    (status = 200, body = TokenResponse, description = "A token pair; the refresh token is also set as an HttpOnly cookie", headers(("Set-Cookie" = String, description = "refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth"))),
     (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)"),
-    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-    (status = 422, body = ValidationErrorBody),
+    (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
-    (status = 503, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn login(
     State(state): State<AppState>,
@@ -269,10 +266,10 @@ const INVALID_REFRESH: &str = "Invalid or expired refresh token";
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 200, body = TokenResponse, description = "A new pair; the refresh token is new too"),
     (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, or an access token"),
-    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-    (status = 422, body = ValidationErrorBody),
+    (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
-    (status = 503, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn refresh(
     State(state): State<AppState>,
@@ -305,9 +302,9 @@ async fn refresh(
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 204, description = "Session revoked; the cookie is cleared"),
     (status = 401, body = ErrorBody, description = "Missing or invalid access token, or a refresh token that is not this user's"),
-    (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-    (status = 422, body = ValidationErrorBody),
-    (status = 503, body = ErrorBody),
+    (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn logout(
     State(state): State<AppState>,
@@ -333,9 +330,9 @@ async fn logout(
 
 /// The logged-in user.
 #[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])), responses(
-    (status = 200, body = UserResponse),
+    (status = 200, body = UserResponse, description = "The user"),
     (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-    (status = 503, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn me(
     State(state): State<AppState>,

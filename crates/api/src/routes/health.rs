@@ -29,7 +29,7 @@ pub struct Message {
 }
 
 /// Liveness, kept from the original service.
-#[utoipa::path(get, path = "/", tag = "health", responses((status = 200, body = Message)))]
+#[utoipa::path(get, path = "/", tag = "health", responses((status = 200, body = Message, description = "The service runs")))]
 async fn root() -> Json<Message> {
     Json(Message {
         msg: "Orders API is running".into(),
@@ -44,7 +44,7 @@ pub struct Live {
 }
 
 /// 200 while the process runs.
-#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = Live)))]
+#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = Live, description = "The process runs")))]
 async fn live() -> Json<Live> {
     Json(Live { status: "ok" })
 }
@@ -63,7 +63,7 @@ pub struct Ready {
 
 /// Readiness: 200 when PostgreSQL and Redis both answer, otherwise 503 naming which one failed.
 #[utoipa::path(get, path = "/health/ready", tag = "health", responses(
-    (status = 200, body = Ready),
+    (status = 200, body = Ready, description = "PostgreSQL and Redis answer"),
     (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL or Redis is unreachable; `detail` names it"),
 ))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {

@@ -18,33 +18,30 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::limited;
 use crate::{
     auth::AuthUser,
     config::RateLimits,
     error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
     extract::{IdempotencyKeyHeader, Json, OrderPath, Query},
     loc,
-    rate_limit::{ClientKey, per_minute},
+    rate_limit::RouteLimits,
     state::AppState,
 };
 
 /// Routes of this module, each with its own rate limit.
-pub fn router(limits: &RateLimits, key: ClientKey) -> OpenApiRouter<AppState> {
-    let on = limits.rate_limit_enabled;
-    let limit = |n: u32| if on { per_minute(n, key) } else { None };
+pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(create_order)),
-            limit(limits.rate_limit_create_order_per_minute),
+            limits.rate_limit_create_order_per_minute,
         ))
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(list_my_orders)),
-            limit(limits.rate_limit_list_orders_per_minute),
+            limits.rate_limit_list_orders_per_minute,
         ))
-        .merge(limited(
+        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(cancel_order)),
-            limit(limits.rate_limit_cancel_order_per_minute),
+            limits.rate_limit_cancel_order_per_minute,
         ))
         .routes(routes!(get_order))
 }
@@ -97,8 +94,10 @@ pub struct CreateOrderRequest {
     amount: f64,
 }
 
-/// Creates a `PENDING` order and queues it for processing. With an `Idempotency-Key`, a repeat of the same
-/// request returns the first order (200) instead of creating another.
+/// Creates a PENDING order and queues it for processing.
+///
+/// With an Idempotency-Key header, a repeat of the same request returns the first order (200) instead of
+/// creating another; the same key with another body is refused (409).
 #[utoipa::path(post, path = "/orders/create", tag = "orders", security(("bearer" = [])),
     request_body = CreateOrderRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; a repeat returns the first order")),
@@ -107,10 +106,10 @@ pub struct CreateOrderRequest {
         (status = 200, body = OrderResponse, description = "A repeat of an earlier request with the same Idempotency-Key: the first order"),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 409, body = ErrorBody, description = "Idempotency-Key was used with a different request"),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ValidationErrorBody),
+        (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
+        (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (20/min)", headers(("Retry-After" = u64))),
-        (status = 503, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]
 async fn create_order(
     State(state): State<AppState>,
@@ -211,13 +210,16 @@ fn decode_cursor(raw: &str) -> Option<OrderCursor> {
     })
 }
 
-/// My orders, newest first. When more exist, `Link: <...>; rel="next"` gives the next page's URL.
+/// My orders, newest first.
+///
+/// Filter with status; page with limit (1-100, default 50). When more orders exist, the Link header
+/// (rel="next") holds the URL of the next page.
 #[utoipa::path(get, path = "/orders/my-orders", tag = "orders", security(("bearer" = [])), params(ListQuery), responses(
-    (status = 200, body = Vec<OrderResponse>, headers(("Link" = String, description = "`</orders/my-orders?...&cursor=...>; rel=\"next\"` when more orders exist"))),
+    (status = 200, body = Vec<OrderResponse>, description = "My orders, newest first", headers(("Link" = String, description = "`</orders/my-orders?...&cursor=...>; rel=\"next\"` when more orders exist"))),
     (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
     (status = 422, body = ValidationErrorBody, description = "Bad status, limit or cursor"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (30/min)", headers(("Retry-After" = u64))),
-    (status = 503, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn list_my_orders(
     State(state): State<AppState>,
@@ -285,11 +287,11 @@ async fn list_my_orders(
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id")),
     responses(
-        (status = 200, body = OrderResponse),
+        (status = 200, body = OrderResponse, description = "The order"),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 404, body = ErrorBody, description = "No such order of yours"),
         (status = 422, body = ValidationErrorBody, description = "Malformed id"),
-        (status = 503, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]
 async fn get_order(
     State(state): State<AppState>,
@@ -302,7 +304,7 @@ async fn get_order(
     Ok(JsonResponse(order.into()))
 }
 
-/// Cancels one of my orders while it is still `PENDING`.
+/// Cancels one of my orders while it is still PENDING.
 #[utoipa::path(patch, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id")),
     responses(
@@ -312,7 +314,7 @@ async fn get_order(
         (status = 409, body = ErrorBody, description = "Only pending orders can be cancelled"),
         (status = 422, body = ValidationErrorBody, description = "Malformed id"),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
-        (status = 503, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]
 async fn cancel_order(
     State(state): State<AppState>,
