@@ -234,6 +234,10 @@ fn describe_data_error(root: &str, mut loc: Vec<Value>, message: &str) -> FieldE
         }
         return FieldError::new(loc, "extra_forbidden", "Extra inputs are not permitted");
     }
+    if let Some(rest) = message.strip_prefix("duplicate field ") {
+        loc.extend(quoted(rest).map(Value::from));
+        return FieldError::new(loc, "value_error", "Give this parameter once");
+    }
     if message.starts_with("unknown variant") {
         return FieldError::new(
             loc,

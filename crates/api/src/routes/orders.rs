@@ -7,7 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use orders_core::{
     db::orders::{self as db, CancelError, NewOrder, OrderCursor},
     domain::{Amount, Order, OrderId, OrderStatus, ProductName},
@@ -204,8 +204,13 @@ fn encode_cursor(cursor: OrderCursor) -> String {
 fn decode_cursor(raw: &str) -> Option<OrderCursor> {
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(raw).ok()?).ok()?;
     let (micros, id) = text.split_once('.')?;
+    let created_at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    // Every cursor we issue is a real creation time; far-off years would only make PostgreSQL refuse the query.
+    if !(1..=9999).contains(&created_at.year()) {
+        return None;
+    }
     Some(OrderCursor {
-        created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        created_at,
         id: OrderId(Uuid::parse_str(id).ok()?),
     })
 }
@@ -345,6 +350,10 @@ mod tests {
             id: OrderId::new(),
         };
         assert_eq!(decode_cursor(&encode_cursor(cursor)), Some(cursor));
+        let far_past = URL_SAFE_NO_PAD.encode(format!("-8000000000000000000.{}", OrderId::new()));
+        let far_future = URL_SAFE_NO_PAD.encode(format!("8000000000000000000.{}", OrderId::new()));
+        assert_eq!(decode_cursor(&far_past), None);
+        assert_eq!(decode_cursor(&far_future), None);
         for garbage in [
             "",
             "abc",

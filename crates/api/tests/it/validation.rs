@@ -131,6 +131,15 @@ async fn bad_query_and_path_parameters_are_422(pool: PgPool) {
         ("limit=ten", json!(["query", "limit"])),
         ("cursor=garbage", json!(["query", "cursor"])),
         ("cursor=", json!(["query", "cursor"])),
+        // A well-formed cursor whose time PostgreSQL cannot represent.
+        (
+            "cursor=LTgwMDAwMDAwMDAwMDAwMDAwMDAuMDFhMjEwZTItMjRkZi03M2FiLThjOWUtMmFiY2U5OTE3ODA5",
+            json!(["query", "cursor"]),
+        ),
+        (
+            "status=PENDING&status=COMPLETED",
+            json!(["query", "status"]),
+        ),
     ] {
         let response = app
             .get(&user.access, &format!("/orders/my-orders?{query}"))
