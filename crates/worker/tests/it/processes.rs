@@ -34,6 +34,7 @@ fn spawn_binary(db: &PgPool, queue: &TestQueue, stage_delay_ms: u64, lease_ms: u
         .env("ORDER_LEASE_MS", lease_ms.to_string())
         .env("WORKER_HEARTBEAT_MS", "500")
         .env("RECONCILE_INTERVAL_MS", "500")
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
