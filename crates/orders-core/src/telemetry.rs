@@ -6,7 +6,9 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Call once, first thing in `main`; later calls are ignored.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices (e.g. "relation already exists, skipping" on every start) are not news.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     // `try_init` fails only if a subscriber is already set (tests set one per binary): keep the first.
     let _ = match format {
