@@ -22,7 +22,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct FieldError {
     /// Where: `["body", "amount"]`, `["query", "limit"]`, `["path", "id"]`, `["header", "idempotency-key"]`.
-    #[schema(value_type = Vec<Object>, example = json!(["body", "product_name"]))]
+    #[schema(value_type = Vec<LocItem>, example = json!(["body", "product_name"]))]
     pub loc: Vec<Value>,
     /// What is wrong, for a human.
     #[schema(example = "Field required")]
@@ -47,6 +47,18 @@ impl FieldError {
     pub fn invalid(loc: Vec<Value>, invalid: orders_core::domain::Invalid) -> Self {
         Self::new(loc, invalid.kind, invalid.message)
     }
+}
+
+/// One step of a `loc`: where the input was (`body`, `query`, `path`, `header`), then a field name or a list
+/// index. Only describes the schema; `loc` is built from JSON values.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum LocItem {
+    /// A place or a field name.
+    Name(String),
+    /// An index in a list.
+    Index(u64),
 }
 
 /// `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`.

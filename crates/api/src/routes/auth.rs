@@ -59,13 +59,18 @@ pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppS
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// 1–100 characters after trimming.
-    #[schema(example = "Ada Lovelace")]
+    #[schema(
+        example = "Ada Lovelace",
+        min_length = 1,
+        max_length = 100,
+        pattern = r"\S"
+    )]
     name: String,
     /// A valid address, at most 254 characters; compared case-insensitively.
-    #[schema(example = "ada@example.com")]
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
     /// 8–128 characters.
-    #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
+    #[schema(value_type = String, format = Password, example = "correct horse battery staple", min_length = 8, max_length = 128)]
     password: SecretString,
 }
 
@@ -152,7 +157,7 @@ async fn register(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
-    #[schema(example = "ada@example.com")]
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
     #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
     password: SecretString,

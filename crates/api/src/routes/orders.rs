@@ -87,10 +87,15 @@ impl From<Order> for OrderResponse {
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
     /// 1–200 characters after trimming.
-    #[schema(example = "Widget")]
+    #[schema(example = "Widget", min_length = 1, max_length = 200, pattern = r"\S")]
     product_name: String,
     /// A JSON number > 0 and ≤ 1,000,000,000 with at most 2 decimal places.
-    #[schema(example = 19.99)]
+    #[schema(
+        example = 19.99,
+        exclusive_minimum = 0,
+        maximum = 1_000_000_000,
+        multiple_of = 0.01
+    )]
     amount: f64,
 }
 
@@ -100,7 +105,7 @@ pub struct CreateOrderRequest {
 /// creating another; the same key with another body is refused (409).
 #[utoipa::path(post, path = "/orders/create", tag = "orders", security(("bearer" = [])),
     request_body = CreateOrderRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; a repeat returns the first order")),
+    params(IdempotencyKeyParam),
     responses(
         (status = 201, body = OrderResponse, description = "Order created"),
         (status = 200, body = OrderResponse, description = "A repeat of an earlier request with the same Idempotency-Key: the first order"),
@@ -173,6 +178,22 @@ async fn enqueue(state: &AppState, order_id: OrderId) {
             tracing::warn!(%order_id, error = %err, "could not queue the order; the reconciler will")
         }
     }
+}
+
+/// The optional `Idempotency-Key` header, for the OpenAPI document.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // only describes the header; `IdempotencyKeyHeader` reads it
+struct IdempotencyKeyParam {
+    /// 1–255 visible ASCII characters; a repeat of the same request with it returns the first order.
+    #[param(
+        rename = "Idempotency-Key",
+        required = false,
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[!-~]{1,255}$"
+    )]
+    idempotency_key: String,
 }
 
 /// Default page size.

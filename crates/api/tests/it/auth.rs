@@ -221,6 +221,19 @@ async fn refresh_and_logout_accept_the_cookie_instead_of_a_body(pool: PgPool) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let next = json(response).await;
+    // A JSON null body also means "use the cookie".
+    let cookie = format!("refresh_token={}", next["refresh_token"].as_str().unwrap());
+    let response = app
+        .client
+        .post(app.url("/auth/refresh"))
+        .header(header::COOKIE, &cookie)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let next = json(response).await;
     let cookie = format!("refresh_token={}", next["refresh_token"].as_str().unwrap());
     let response = app
         .client
