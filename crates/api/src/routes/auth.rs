@@ -303,7 +303,9 @@ async fn refresh(
     }
 }
 
-/// Ends the session a refresh token belongs to (all its tokens stop working).
+/// Ends the session a refresh token belongs to: its refresh tokens stop working.
+///
+/// Access tokens already issued stay valid until they expire (ACCESS_TOKEN_EXPIRE_MINUTES, 15 by default).
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 204, description = "Session revoked; the cookie is cleared"),
     (status = 401, body = ErrorBody, description = "Missing or invalid access token, or a refresh token that is not this user's"),
