@@ -28,7 +28,7 @@ use crate::{
         refresh_cookie, refresh_token_from_cookie, token_hash,
     },
     config::RateLimits,
-    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
+    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody, body_field},
     extract::{Json, OptionalJson},
     loc,
     rate_limit::RouteLimits,
@@ -98,13 +98,6 @@ impl From<User> for UserResponse {
     }
 }
 
-/// Collects a field's parse error, if any, and hands back the parsed value.
-fn field<T>(errors: &mut Vec<FieldError>, name: &str, parsed: Result<T, Invalid>) -> Option<T> {
-    parsed
-        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", name], invalid)))
-        .ok()
-}
-
 fn check_password(password: &SecretString) -> Result<(), Invalid> {
     let len = password.expose_secret().chars().count();
     if len < 8 {
@@ -136,9 +129,9 @@ async fn register(
     Json(body): Json<RegisterRequest>,
 ) -> ApiResult<Response> {
     let mut errors = Vec::new();
-    let name = field(&mut errors, "name", UserName::parse(&body.name));
-    let email = field(&mut errors, "email", Email::parse(&body.email));
-    let password = field(&mut errors, "password", check_password(&body.password));
+    let name = body_field(&mut errors, "name", UserName::parse(&body.name));
+    let email = body_field(&mut errors, "email", Email::parse(&body.email));
+    let password = body_field(&mut errors, "password", check_password(&body.password));
     let (Some(name), Some(email), Some(())) = (name, email, password) else {
         return Err(ApiError::Validation(errors));
     };

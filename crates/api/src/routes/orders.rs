@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     auth::AuthUser,
     config::RateLimits,
-    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody},
+    error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody, body_field},
     extract::{IdempotencyKeyHeader, Json, OrderPath, Query},
     loc,
     rate_limit::RouteLimits,
@@ -123,12 +123,12 @@ async fn create_order(
     Json(body): Json<CreateOrderRequest>,
 ) -> ApiResult<Response> {
     let mut errors = Vec::new();
-    let product_name = ProductName::parse(&body.product_name)
-        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", "product_name"], invalid)))
-        .ok();
-    let amount = Amount::parse_f64(body.amount)
-        .map_err(|invalid| errors.push(FieldError::invalid(loc!["body", "amount"], invalid)))
-        .ok();
+    let product_name = body_field(
+        &mut errors,
+        "product_name",
+        ProductName::parse(&body.product_name),
+    );
+    let amount = body_field(&mut errors, "amount", Amount::parse_f64(body.amount));
     let (Some(product_name), Some(amount)) = (product_name, amount) else {
         return Err(ApiError::Validation(errors));
     };

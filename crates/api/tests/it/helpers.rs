@@ -122,6 +122,15 @@ impl TestApp {
             .expect("request")
     }
 
+    /// Creates a small order and returns its id.
+    pub async fn create_widget(&self, token: &str) -> String {
+        let response = self
+            .create_order(token, &json!({"product_name": "Widget", "amount": 19.99}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        json(response).await["id"].as_str().expect("id").to_owned()
+    }
+
     pub async fn get(&self, token: &str, path: &str) -> Response {
         self.client
             .get(self.url(path))

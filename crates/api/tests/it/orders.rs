@@ -49,12 +49,7 @@ async fn every_created_order_gets_its_own_job(pool: PgPool) {
     let user = app.new_user().await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(
-            json(app.create_order(&user.access, &widget()).await).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(app.create_widget(&user.access).await);
     }
     let mut queued = app.queued_order_ids();
     queued.sort();
@@ -67,10 +62,7 @@ async fn another_users_order_is_not_found(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let owner = app.new_user().await;
     let other = app.new_user().await;
-    let id = json(app.create_order(&owner.access, &widget()).await).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.create_widget(&owner.access).await;
     for response in [
         app.get(&other.access, &format!("/orders/{id}")).await,
         app.cancel(&other.access, &id).await,
@@ -102,10 +94,7 @@ async fn another_users_order_is_not_found(pool: PgPool) {
 async fn a_cancelled_order_cannot_be_cancelled_again(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let user = app.new_user().await;
-    let id = json(app.create_order(&user.access, &widget()).await).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.create_widget(&user.access).await;
     let response = app.cancel(&user.access, &id).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json(response).await["status"], "CANCELLED");
@@ -122,10 +111,7 @@ async fn orders_that_left_pending_cannot_be_cancelled(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let user = app.new_user().await;
     for status in ["PROCESSING", "COMPLETED"] {
-        let id = json(app.create_order(&user.access, &widget()).await).await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = app.create_widget(&user.access).await;
         sqlx::query("update orders set status = $1::order_status where id = $2::uuid")
             .bind(status)
             .bind(&id)
@@ -148,10 +134,7 @@ async fn orders_that_left_pending_cannot_be_cancelled(pool: PgPool) {
 async fn of_concurrent_cancels_of_one_order_exactly_one_wins(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let user = app.new_user().await;
-    let id = json(app.create_order(&user.access, &widget()).await).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.create_widget(&user.access).await;
     let statuses: Vec<StatusCode> = join_all((0..10).map(|_| app.cancel(&user.access, &id)))
         .await
         .iter()
