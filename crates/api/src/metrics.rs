@@ -1,9 +1,10 @@
 //! Request metrics and the `/metrics` endpoint (Prometheus text format).
 //!
 //! Series: `http_requests_total` and `http_request_duration_seconds` by method, route template and status;
-//! `orders_created_total`; plus, with `--with-worker`, the worker's series.
+//! `orders_created_total`, `orders_deferred_total`; the backlog gauges (`queue_jobs_waiting`, `orders_pending`,
+//! `orders_oldest_pending_age_seconds`); plus, with `--with-worker`, the worker's series.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request},
@@ -11,6 +12,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use orders_core::queue::gauges::BacklogGauges;
 
 /// Describes the api's series; `orders_created_total` starts at 0 so a scrape lists it from the start.
 pub fn register() {
@@ -27,7 +29,12 @@ pub fn register() {
         "orders_created_total",
         "Orders created (idempotent repeats not counted)"
     );
+    metrics::describe_counter!(
+        "orders_deferred_total",
+        "Orders created while the queue was full or a backlog was being fed: left to the reconciler"
+    );
     metrics::counter!("orders_created_total").increment(0);
+    metrics::counter!("orders_deferred_total").increment(0);
 }
 
 /// Counts and times every request. The route is the matched template (`/orders/{id}`), so ids do not blow up
@@ -51,8 +58,9 @@ pub async fn track(req: Request, next: Next) -> Response {
     response
 }
 
-/// `GET /metrics`.
-pub async fn render() -> impl IntoResponse {
+/// `GET /metrics`, with the backlog gauges sampled for it.
+pub async fn render(gauges: Arc<BacklogGauges>) -> impl IntoResponse {
+    gauges.refresh().await;
     (
         [(
             header::CONTENT_TYPE,

@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use orders_core::queue::{self, OrderQueue};
+use orders_core::queue::{self, OrderQueue, gauges::BacklogGauges};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -131,6 +131,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             trust_proxy_headers: config.trust_proxy_headers,
         },
     };
+    let gauges = Arc::new(BacklogGauges::new(state.db.clone(), state.queue.clone()));
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, per_route))
@@ -138,7 +139,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
         .split_for_parts();
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
-        .route("/metrics", get(crate::metrics::render))
+        .route(
+            "/metrics",
+            get(move || crate::metrics::render(gauges.clone())),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -56,6 +56,12 @@ pub struct QueueConfig {
     /// How long one Redis command may take before it counts as failed (milliseconds).
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
+
+    /// Most jobs waiting in Redis. Past it, new orders wait in PostgreSQL (the queue of record) and the
+    /// reconciler feeds them in, oldest first, as the queue drains. At most 5000: apalis-redis fails for good
+    /// when about 8,000 jobs are due at once.
+    #[arg(long, env = "QUEUE_MAX_JOBS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    pub queue_max_jobs: u64,
 }
 
 impl QueueConfig {

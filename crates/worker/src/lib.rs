@@ -4,24 +4,30 @@
 //! killed worker's jobs come back in seconds, not apalis's default 5 minutes), every (re)start registers under
 //! a fresh worker name (a reused name is refused while it still looks alive), and any Redis error, which ends
 //! an apalis worker for good, is followed by a restart with backoff. Nothing depends on Redis keeping jobs:
-//! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind.
+//! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind. Each consumer generation that
+//! stops (a Redis error, or shutdown) is unregistered at once, and the janitor sweeps up after killed processes.
 
 pub mod config;
+pub mod janitor;
 pub mod process_order;
 pub mod reconcile;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use apalis::{layers::catch_panic::CatchPanicLayer, prelude::*};
 use apalis_redis::RedisStorage;
 use orders_core::{
     config::QueueConfig,
-    queue::{self, ProcessOrder},
+    queue::{self, OrderQueue, ProcessOrder, gauges::BacklogGauges},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, WorkerSettings};
+pub use janitor::Janitor;
 pub use process_order::{Outcome, ProcessError, Processor};
 pub use reconcile::Reconciler;
 
@@ -89,13 +95,10 @@ fn register_metrics() {
         metrics::Unit::Seconds,
         "Time to handle one job"
     );
-    metrics::describe_gauge!(
-        "worker_queue_depth",
-        "Jobs waiting in the queue (active + scheduled), as the reconciler last saw it"
-    );
+    orders_core::queue::gauges::describe();
     metrics::describe_counter!(
         "worker_reconciler_requeued_total",
-        "Jobs pushed again by the reconciler"
+        "Jobs pushed by the reconciler (backlog fed from PostgreSQL, and re-pushes)"
     );
     metrics::describe_counter!(
         "order_transitions_total",
@@ -124,11 +127,14 @@ pub async fn run(
     register_metrics();
     let name = unique_worker_name();
     let connection = queue::redis_connection(&queue_config)?;
-    let push_queue =
-        RedisStorage::new(connection.clone()).with_config(queue::queue_settings(&queue_config));
+    let push_queue = OrderQueue::new(connection.clone(), &queue_config);
+    // Longer than apalis's own orphan timeout (heartbeat × missed), so that its recovery goes first.
+    let dead_after = settings.heartbeat() * (2 * MISSED_HEARTBEATS as u32);
+    let mut janitor = Janitor::new(connection.clone(), push_queue.keys().clone(), dead_after);
     let reconciler = Reconciler::new(
         db.clone(),
         push_queue,
+        janitor.clone(),
         &settings,
         queue_config.redis_timeout(),
     );
@@ -139,6 +145,7 @@ pub async fn run(
         worker = %name,
         queue = %queue_config.queue_name,
         concurrency = settings.worker_concurrency,
+        max_jobs = queue_config.queue_max_jobs,
         "worker started"
     );
 
@@ -151,7 +158,8 @@ pub async fn run(
                 .missed_heartbeats(MISSED_HEARTBEATS)
                 .batch_size(usize::from(settings.worker_concurrency)),
         );
-        let worker = WorkerBuilder::new(format!("{name}-{generation}"))
+        let generation_name = format!("{name}-{generation}");
+        let worker = WorkerBuilder::new(generation_name.clone())
             .backend(storage.poll_with_strategy(EveryInterval::new(settings.poll_interval())))
             .data(processor.clone())
             .layer(CatchPanicLayer::with_panic_handler(on_panic))
@@ -168,12 +176,24 @@ pub async fn run(
             tokio::time::sleep(settings.shutdown_timeout()).await;
         };
         let result = tokio::select! {
-            result = consuming => result,
+            result = consuming => Some(result),
             () = deadline => {
                 tracing::warn!("jobs still running after the shutdown timeout; leaving them to their leases");
-                break;
+                None
             }
         };
+        // This generation is over: unregister it now rather than leave it to the sweeps (apalis's own
+        // unregistering on close removes the wrong member), and give back what it fetched but did not finish.
+        match janitor.retire(&generation_name).await {
+            Ok(0) => {}
+            Ok(returned) => {
+                tracing::info!(worker = %generation_name, returned, "unfinished jobs returned to the queue")
+            }
+            Err(err) => {
+                tracing::warn!(worker = %generation_name, error = %err, "cannot unregister; the janitor will")
+            }
+        }
+        let Some(result) = result else { break };
         if stop.is_cancelled() {
             break;
         }
@@ -247,9 +267,11 @@ async fn handle_job(
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is cancelled.
+/// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is cancelled, sampling the backlog
+/// gauges on each scrape.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
+    gauges: Arc<BacklogGauges>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let handle = orders_core::telemetry::prometheus();
@@ -257,7 +279,9 @@ pub async fn serve_metrics(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();
+            let gauges = gauges.clone();
             async move {
+                gauges.refresh().await;
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,

@@ -1,6 +1,7 @@
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;
+use orders_core::queue::gauges::BacklogGauges;
 use tokio_util::sync::CancellationToken;
 use worker::Config;
 
@@ -27,12 +28,20 @@ async fn main() -> ExitCode {
     };
     let stop = CancellationToken::new();
     if config.worker_metrics_addr != "off" {
+        let queue = match orders_core::queue::order_queue(&config.queue) {
+            Ok(queue) => queue,
+            Err(err) => {
+                tracing::error!("cannot start: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let gauges = Arc::new(BacklogGauges::new(db.clone(), queue));
         match tokio::net::TcpListener::bind(&config.worker_metrics_addr).await {
             Ok(listener) => {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, "metrics at /metrics");
                 }
-                tokio::spawn(worker::serve_metrics(listener, stop.clone()));
+                tokio::spawn(worker::serve_metrics(listener, gauges, stop.clone()));
             }
             Err(err) => {
                 tracing::error!(

@@ -1,29 +1,44 @@
-//! The reconciler: PostgreSQL is the truth and Redis only carries wake-ups, so anything a lost job would
-//! leave behind is found here and queued again. It runs in every worker process; `FOR UPDATE SKIP LOCKED` plus
-//! marking orders as just enqueued keeps several reconcilers from pushing the same order in one round, and a
-//! duplicate push would be harmless anyway (the handler's updates are conditional).
+//! The reconciler: PostgreSQL is the queue of record and Redis only carries wake-ups, so the reconciler feeds
+//! Redis from PostgreSQL. It runs in every worker process and does three things:
+//! - **feeds the backlog**: orders that found the queue full (`QUEUE_MAX_JOBS`) wait in PostgreSQL; they are
+//!   pushed oldest first as the queue drains, in batches, and while a backlog lasts the api leaves new orders
+//!   to it too, so that they take their turn;
+//! - **re-pushes by age**: a `PENDING` order pushed longer than `RECONCILE_REDELIVER_AFTER_MS` ago is pushed
+//!   again (its job may be lost: Redis wiped, or dead after its retries; a duplicate is harmless), and so is a
+//!   `PROCESSING` order whose lease expired;
+//! - **sweeps Redis** (see [`crate::janitor`]).
+//!
+//! `FOR UPDATE SKIP LOCKED` plus marking orders as just enqueued keeps several reconcilers from pushing the
+//! same order in one round; a duplicate push would be harmless anyway (the handler's updates are conditional).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use orders_core::{
     db::orders as db,
-    queue::{self, OrderQueue},
+    domain::OrderId,
+    queue::{OrderQueue, gauges},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WorkerSettings;
+use crate::{config::WorkerSettings, janitor::Janitor};
 
-/// Most orders pushed in one round.
-const BATCH: i64 = 500;
+/// Most orders pushed in one round trip (and taken in one query).
+const BATCH: u64 = 1000;
+/// While a backlog waits in PostgreSQL, how often the reconciler looks for room in Redis.
+const FEED_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Finds overdue orders and pushes their jobs again.
-#[derive(Clone)]
+/// Feeds and re-feeds the queue from PostgreSQL, and sweeps Redis.
 pub struct Reconciler {
     db: PgPool,
     queue: OrderQueue,
+    janitor: Janitor,
     redeliver_after: Duration,
     push_timeout: Duration,
+    /// Whether the last round that could tell left orders waiting for room.
+    backlog: bool,
+    /// How long the backlog flag lives unless a round renews it (so it dies with the last worker).
+    backlog_ttl: Duration,
 }
 
 impl Reconciler {
@@ -31,78 +46,137 @@ impl Reconciler {
     pub fn new(
         db: PgPool,
         queue: OrderQueue,
+        janitor: Janitor,
         settings: &WorkerSettings,
         push_timeout: Duration,
     ) -> Self {
         Self {
             db,
             queue,
+            janitor,
             redeliver_after: settings.redeliver_after(),
             push_timeout,
+            backlog: false,
+            backlog_ttl: (settings.reconcile_interval() * 3).max(Duration::from_secs(1)),
         }
     }
 
-    /// One round; returns how many orders were pushed. Skips the round while Redis is unreachable, so orders
-    /// are not marked as enqueued when they cannot be.
-    pub async fn run_once(&self) -> anyhow::Result<usize> {
-        let Some(idle) = self.queue_is_idle().await else {
-            tracing::warn!("reconciler: Redis unreachable, skipping this round");
-            return Ok(0);
-        };
-        let due = db::take_due_for_enqueue(&self.db, idle, self.redeliver_after, BATCH).await?;
-        let mut pushed = 0;
-        let mut failed = false;
-        for order_id in due {
-            if !failed {
-                match queue::enqueue(&self.queue, order_id, self.push_timeout).await {
-                    Ok(()) => {
-                        pushed += 1;
-                        metrics::counter!("worker_reconciler_requeued_total").increment(1);
-                        tracing::info!(%order_id, "reconciler: job queued again");
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::warn!(%order_id, error = %err, "reconciler: push failed; will retry next round");
-                        failed = true;
-                    }
-                }
-            }
-            db::clear_enqueued(&self.db, order_id).await?;
+    /// A full round: sweeps Redis, then pushes every due order there is room for. Returns how many were pushed.
+    pub async fn run_once(&mut self) -> anyhow::Result<usize> {
+        match self.janitor.sweep().await {
+            Ok(sweep) => tracing::debug!(?sweep, "janitor: swept"),
+            Err(err) => tracing::warn!(error = %err, "janitor: sweep failed; retrying next round"),
         }
+        self.feed(1).await
+    }
+
+    /// Whether the last round left orders waiting in PostgreSQL for room in Redis.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog
+    }
+
+    /// Pushes due orders, oldest first, while Redis has room, if it has at least `min_room`. Skips the round
+    /// while Redis is unreachable, so that orders are not marked as enqueued when they cannot be.
+    async fn feed(&mut self, min_room: u64) -> anyhow::Result<usize> {
+        let depth = match self.queue.depth(self.push_timeout).await {
+            Ok(depth) => depth,
+            Err(err) => {
+                tracing::warn!(error = %err, "reconciler: Redis unreachable, skipping this round");
+                return Ok(0);
+            }
+        };
+        gauges::record_depth(depth.waiting());
+        let mut room = self.queue.max_jobs().saturating_sub(depth.waiting());
+        if room < min_room.max(1) {
+            // Nothing is taken, so nothing new is learnt about the backlog: keep its flag alive.
+            self.publish_backlog().await;
+            return Ok(0);
+        }
+        let mut pushed = 0;
+        loop {
+            let want = room.min(BATCH);
+            let due = db::take_due_for_enqueue(
+                &self.db,
+                self.redeliver_after,
+                i64::try_from(want).unwrap_or(i64::MAX),
+            )
+            .await?;
+            let ids: Vec<OrderId> = due.iter().map(|order| order.id).collect();
+            if let Err(err) = self.queue.push_orders(&ids, self.push_timeout).await {
+                tracing::warn!(orders = ids.len(), error = %err, "reconciler: push failed; will retry next round");
+                db::clear_enqueued(&self.db, &ids).await?;
+                return Ok(pushed);
+            }
+            pushed += ids.len();
+            metrics::counter!("worker_reconciler_requeued_total").increment(ids.len() as u64);
+            room -= ids.len() as u64;
+            if (ids.len() as u64) < want {
+                self.backlog = false;
+                break;
+            }
+            if room == 0 {
+                self.backlog = true;
+                break;
+            }
+        }
+        self.publish_backlog().await;
         Ok(pushed)
     }
 
-    /// Whether the queue holds no waiting job (`None`: Redis did not answer).
-    async fn queue_is_idle(&self) -> Option<bool> {
-        let config = self.queue.get_config();
-        let mut conn = self.queue.clone().get_connection().clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("LLEN")
-            .arg(config.active_jobs_list())
-            .cmd("ZCARD")
-            .arg(config.scheduled_jobs_set());
-        let waiting = pipe.query_async::<(u64, u64)>(&mut conn);
-        match tokio::time::timeout(self.push_timeout, waiting).await {
-            Ok(Ok((active, scheduled))) => {
-                metrics::gauge!("worker_queue_depth").set((active + scheduled) as f64);
-                Some(active + scheduled == 0)
-            }
-            _ => None,
+    /// Tells the api whether to leave new orders to the reconciler.
+    async fn publish_backlog(&self) {
+        let mut conn = self.queue.connection();
+        let key = &self.queue.keys().backlog;
+        let result = if self.backlog {
+            let ttl = u64::try_from(self.backlog_ttl.as_millis()).unwrap_or(u64::MAX);
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl)
+                .query_async::<()>(&mut conn)
+                .await
+        } else {
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async::<()>(&mut conn)
+                .await
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "reconciler: cannot update the backlog flag");
         }
     }
 
-    /// Runs a round every `interval` until `stop` is cancelled.
-    pub async fn run(self, interval: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Runs a full round every `interval`, and while a backlog waits, feeds it every 100 ms as soon as half the
+    /// queue has drained (large batches, few queries), until `stop` is cancelled.
+    pub async fn run(mut self, interval: Duration, stop: CancellationToken) {
+        let feed_interval = FEED_INTERVAL.min(interval);
+        let low_water = (self.queue.max_jobs() / 2).max(1);
+        let mut next_full = Instant::now();
         loop {
+            let wait = if self.backlog {
+                feed_interval.min(next_full.saturating_duration_since(Instant::now()))
+            } else {
+                next_full.saturating_duration_since(Instant::now())
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep(wait) => {}
             }
-            match self.run_once().await {
+            let full = Instant::now() >= next_full;
+            let round = if full {
+                next_full = Instant::now() + interval;
+                self.run_once().await
+            } else {
+                self.feed(low_water).await
+            };
+            match round {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(pushed = n, "reconciler: queued overdue orders"),
+                Ok(n) => tracing::info!(
+                    pushed = n,
+                    backlog = self.backlog,
+                    "reconciler: queued orders"
+                ),
                 Err(err) => {
                     tracing::warn!(error = %err, "reconciler round failed; retrying next round")
                 }

@@ -71,7 +71,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         let query = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
         matches!(tokio::time::timeout(PROBE_TIMEOUT, query).await, Ok(Ok(_)))
     };
-    let redis = orders_core::queue::ping(&state.queue, PROBE_TIMEOUT);
+    let redis = state.queue.ping(PROBE_TIMEOUT);
     let (postgres, redis) = tokio::join!(postgres, redis);
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let failed: Vec<&str> = [(postgres, "PostgreSQL"), (redis, "Redis")]

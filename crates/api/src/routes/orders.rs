@@ -11,7 +11,7 @@ use chrono::{DateTime, Datelike, Utc};
 use orders_core::{
     db::orders::{self as db, CancelError, NewOrder, OrderCursor},
     domain::{Amount, Order, OrderId, OrderStatus, ProductName},
-    queue,
+    queue::Admission,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -168,11 +168,19 @@ async fn create_order(
 }
 
 async fn enqueue(state: &AppState, order_id: OrderId) {
-    match queue::enqueue(&state.queue, order_id, state.enqueue_timeout).await {
-        Ok(()) => {
+    match state
+        .queue
+        .push_new_order(order_id, state.enqueue_timeout)
+        .await
+    {
+        Ok(Admission::Pushed) => {
             if let Err(err) = db::mark_enqueued(&state.db, order_id).await {
                 tracing::warn!(%order_id, error = %err, "job pushed but not recorded; the reconciler may push it again");
             }
+        }
+        Ok(Admission::Deferred) => {
+            metrics::counter!("orders_deferred_total").increment(1);
+            tracing::debug!(%order_id, "queue full or backlog waiting: the reconciler will queue the order");
         }
         Err(err) => {
             tracing::warn!(%order_id, error = %err, "could not queue the order; the reconciler will")

@@ -292,51 +292,124 @@ pub async fn order_status(
     .await
 }
 
-/// Picks orders whose job may be lost and marks them enqueued now, so that concurrent reconcilers (one per
-/// worker process) never pick the same order in one round:
-/// - `PENDING` orders never enqueued (the push after create failed);
-/// - `PENDING` orders enqueued longer than `redeliver_after` ago, if `queue_idle` (an idle queue holding no
-///   job for them means the job was lost: Redis wiped, or the job died after its retries);
+/// An order the reconciler just marked as enqueued, to be pushed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueOrder {
+    /// The order.
+    pub id: OrderId,
+    /// When it was created: pushes go oldest first.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Picks up to `limit` orders whose job is not known to be in the queue, oldest first, and marks them
+/// enqueued now, so that concurrent reconcilers (one per worker process) never pick the same order in one
+/// round:
+/// - `PENDING` orders never pushed (the queue was full, or the push after create failed);
+/// - `PENDING` orders pushed longer than `redeliver_after` ago: by age alone, since a duplicate delivery is
+///   harmless and a lost one (Redis wiped, a job dead after its retries) is not;
 /// - `PROCESSING` orders whose lease expired (their worker died) and that were not pushed since.
+///
+/// Each part walks its own partial index in the order it returns, so a round reads about as many rows as it
+/// pushes. The result is sorted oldest first.
 pub async fn take_due_for_enqueue(
     executor: impl PgExecutor<'_>,
-    queue_idle: bool,
     redeliver_after: std::time::Duration,
     limit: i64,
-) -> sqlx::Result<Vec<OrderId>> {
+) -> sqlx::Result<Vec<DueOrder>> {
     let redeliver_ms = i64::try_from(redeliver_after.as_millis()).unwrap_or(i64::MAX);
-    sqlx::query_scalar!(
+    let mut due = sqlx::query_as!(
+        DueOrder,
         r#"
-        with due as (
-            select id from orders
-            where (status = 'PENDING'
-                   and (enqueued_at is null
-                        or ($1 and enqueued_at < now() - make_interval(secs => $2::bigint / 1000.0))))
-               or (status = 'PROCESSING' and lease_until < now()
-                   and (enqueued_at is null or enqueued_at < lease_until
-                        or enqueued_at < now() - make_interval(secs => $2::bigint / 1000.0)))
-            order by created_at
-            limit $3
+        with pending as (
+            select id, created_at from orders
+            where status = 'PENDING'
+              and (enqueued_at is null
+                   or enqueued_at < now() - make_interval(secs => $1::bigint / 1000.0))
+            order by created_at, id
+            limit $2
             for update skip locked
+        ), abandoned as (
+            select id, created_at from orders
+            where status = 'PROCESSING' and lease_until < now()
+              and (enqueued_at is null or enqueued_at < lease_until
+                   or enqueued_at < now() - make_interval(secs => $1::bigint / 1000.0))
+            order by lease_until
+            limit $2
+            for update skip locked
+        ), due as (
+            select id, created_at from pending
+            union all
+            select id, created_at from abandoned
+            order by created_at
+            limit $2
         )
         update orders o set enqueued_at = now() from due where o.id = due.id
-        returning o.id as "id: OrderId"
+        returning o.id as "id: OrderId", due.created_at as "created_at!"
         "#,
-        queue_idle,
         redeliver_ms,
         limit,
     )
     .fetch_all(executor)
-    .await
+    .await?;
+    due.sort_by_key(|order| (order.created_at, order.id.0));
+    Ok(due)
 }
 
-/// Forgets that an order was enqueued (its push failed), so the next reconciler round pushes it again.
-pub async fn clear_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<()> {
+/// Forgets that these orders were enqueued (their push failed), so the next reconciler round pushes them again.
+pub async fn clear_enqueued(executor: impl PgExecutor<'_>, ids: &[OrderId]) -> sqlx::Result<()> {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
     sqlx::query!(
-        "update orders set enqueued_at = null where id = $1",
-        id as OrderId
+        "update orders set enqueued_at = null where id = any($1)",
+        &ids[..]
     )
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// Orders waiting to be processed, as the backlog gauges show them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// `PENDING` orders.
+    pub pending: i64,
+    /// When the oldest `PENDING` order was created, if there is one.
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+/// Counts the `PENDING` orders and finds the oldest (an index-only walk of the pending index).
+pub async fn backlog(executor: impl PgExecutor<'_>) -> sqlx::Result<Backlog> {
+    sqlx::query_as!(
+        Backlog,
+        r#"
+        select count(*) as "pending!", min(created_at) as oldest_pending
+        from orders where status = 'PENDING'
+        "#,
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Inserts `count` `PENDING` orders for one user in a single statement, none of them enqueued, and returns their
+/// ids oldest first. For load tests and benchmarks that need a backlog fast; the api inserts one at a time.
+pub async fn insert_orders_in_bulk(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    product_name: &ProductName,
+    amount: Amount,
+    count: usize,
+) -> sqlx::Result<Vec<OrderId>> {
+    let ids: Vec<uuid::Uuid> = (0..count).map(|_| OrderId::new().0).collect();
+    sqlx::query!(
+        r#"
+        insert into orders (id, user_id, product_name, amount)
+        select id, $2, $3, $4 from unnest($1::uuid[]) as id
+        "#,
+        &ids[..],
+        user_id as UserId,
+        product_name.as_str(),
+        amount.value(),
+    )
+    .execute(executor)
+    .await?;
+    Ok(ids.into_iter().map(OrderId).collect())
 }

@@ -8,7 +8,7 @@ use orders_core::{
     config::QueueConfig,
     db::{orders as db, users},
     domain::{Amount, Email, OrderId, OrderStatus, ProductName, UserId, UserName},
-    queue::{self, OrderQueue},
+    queue::{self, Admission, EnqueueError, OrderQueue},
 };
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -127,18 +127,28 @@ pub async fn new_orders(db: &PgPool, n: usize) -> Vec<OrderId> {
     ids
 }
 
-/// Creates orders the way the api does: insert, then push (recording the push if it worked).
+/// Creates orders the way the api does: insert, then push if the queue has room (recording the push if it
+/// happened).
 pub async fn create_and_enqueue(db: &PgPool, queue: &OrderQueue, n: usize) -> Vec<OrderId> {
     let ids = new_orders(db, n).await;
     for id in &ids {
-        if queue::enqueue(queue, *id, Duration::from_millis(500))
-            .await
-            .is_ok()
-        {
-            db::mark_enqueued(db, *id).await.unwrap();
-        }
+        let _ = push_like_the_api(db, queue, *id).await;
     }
     ids
+}
+
+/// What the api does with a just-created order: the same call, the same bookkeeping (a failed push is left
+/// to the reconciler).
+pub async fn push_like_the_api(
+    db: &PgPool,
+    queue: &OrderQueue,
+    id: OrderId,
+) -> Result<Admission, EnqueueError> {
+    let admission = queue.push_new_order(id, Duration::from_millis(500)).await?;
+    if admission == Admission::Pushed {
+        db::mark_enqueued(db, id).await.unwrap();
+    }
+    Ok(admission)
 }
 
 pub async fn status_of(db: &PgPool, id: OrderId) -> OrderStatus {

@@ -152,7 +152,9 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
         "worker_jobs_retried_total 0",
         "worker_job_duration_seconds_bucket",
         r#"order_transitions_total{to="COMPLETED"} 1"#,
-        "worker_queue_depth",
+        "queue_jobs_waiting 0",
+        "orders_pending 0",
+        "orders_oldest_pending_age_seconds 0",
         "worker_reconciler_requeued_total",
     ] {
         assert!(

@@ -1,0 +1,206 @@
+//! The queue contract between the api (producer) and the worker (consumer): the job type, the queue's name
+//! and bounded pushes. A job is only a wake-up: PostgreSQL holds the truth, so a job may be lost or delivered
+//! twice and the worker still ends with each order in the right state.
+//!
+//! PostgreSQL is also the queue of record, so Redis holds at most `QUEUE_MAX_JOBS` waiting jobs: past that,
+//! orders wait in PostgreSQL and the worker's reconciler feeds them in, oldest first, as the queue drains. The
+//! bound keeps Redis's memory in proportion to the work in hand rather than to the backlog, and it keeps
+//! apalis-redis working: its fetch script promotes every due scheduled job with one Lua `unpack`, which fails
+//! for good above about 8,000 ids.
+
+pub mod gauges;
+pub mod keys;
+
+use std::{sync::Arc, time::Duration};
+
+use apalis_core::backend::TaskSink;
+use apalis_redis::{Config, ConnectionManager, RedisStorage};
+use redis::aio::ConnectionManagerConfig;
+use serde::{Deserialize, Serialize};
+
+pub use self::keys::QueueKeys;
+use crate::{config::QueueConfig, domain::OrderId};
+
+/// The queue's name unless `QUEUE_NAME` says otherwise. Set explicitly: apalis would otherwise derive it
+/// from the Rust type's path, which differs between crates.
+pub const DEFAULT_QUEUE_NAME: &str = "orders";
+
+/// "Move this order along." Carries only the id: the worker reads everything else from PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessOrder {
+    /// The order to process.
+    pub order_id: OrderId,
+}
+
+/// A Redis connection that connects on first use (so a process can start while Redis is down), reconnects on
+/// its own, and fails each command after `REDIS_TIMEOUT_MS` instead of redis-rs's 500 ms default.
+pub fn redis_connection(config: &QueueConfig) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(config.redis_url.as_str())
+        .map_err(|err| anyhow::anyhow!("REDIS_URL is not a valid Redis URL: {err}"))?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.redis_timeout()))
+        .set_connection_timeout(Some(config.redis_timeout()))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_lazy_with_config(
+        client,
+        manager_config,
+    )?)
+}
+
+/// The queue's apalis settings (the worker adds its heartbeat settings on top).
+pub fn queue_settings(config: &QueueConfig) -> Config {
+    Config::default().queue(&config.queue_name)
+}
+
+/// Opens the queue for pushing jobs.
+pub fn order_queue(config: &QueueConfig) -> anyhow::Result<OrderQueue> {
+    Ok(OrderQueue::new(redis_connection(config)?, config))
+}
+
+/// Why a push failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// Redis did not answer in time.
+    #[error("the queue did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("the queue refused the job: {0}")]
+    Push(String),
+}
+
+/// What became of a new order's job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Its job is in Redis.
+    Pushed,
+    /// Redis holds `QUEUE_MAX_JOBS` jobs already, or older orders are waiting in PostgreSQL for room: the
+    /// order waits its turn there, and the reconciler pushes it.
+    Deferred,
+}
+
+/// What the queue holds, as one round trip sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Jobs ready to be fetched.
+    pub active: u64,
+    /// Jobs due later (fresh pushes until a worker's next fetch promotes them, and retries).
+    pub scheduled: u64,
+    /// Whether the reconciler has orders waiting in PostgreSQL for room.
+    pub backlog: bool,
+}
+
+impl QueueDepth {
+    /// Jobs waiting in Redis: the quantity `QUEUE_MAX_JOBS` bounds.
+    pub fn waiting(&self) -> u64 {
+        self.active + self.scheduled
+    }
+}
+
+/// The order queue: apalis's Redis storage for [`ProcessOrder`] jobs, with its key layout and its bound.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct OrderQueue {
+    storage: RedisStorage<ProcessOrder>,
+    keys: Arc<QueueKeys>,
+    max_jobs: u64,
+}
+
+impl OrderQueue {
+    /// The queue `config` names, over `connection`.
+    pub fn new(connection: ConnectionManager, config: &QueueConfig) -> Self {
+        let settings = queue_settings(config);
+        Self {
+            keys: Arc::new(QueueKeys::new(&settings)),
+            storage: RedisStorage::new(connection).with_config(settings),
+            max_jobs: config.queue_max_jobs,
+        }
+    }
+
+    /// Its Redis keys.
+    pub fn keys(&self) -> &QueueKeys {
+        &self.keys
+    }
+
+    /// Most jobs waiting in Redis (`QUEUE_MAX_JOBS`).
+    pub fn max_jobs(&self) -> u64 {
+        self.max_jobs
+    }
+
+    /// A handle on its Redis connection (cheap: connections are shared and reconnect on their own).
+    pub fn connection(&self) -> ConnectionManager {
+        self.storage.clone().get_connection().clone()
+    }
+
+    /// Reads how many jobs wait, and whether a backlog is being fed, in one round trip.
+    pub async fn depth(&self, timeout: Duration) -> Result<QueueDepth, EnqueueError> {
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        pipe.llen(&self.keys.active)
+            .zcard(&self.keys.scheduled)
+            .exists(&self.keys.backlog);
+        match tokio::time::timeout(timeout, pipe.query_async::<(u64, u64, bool)>(&mut conn)).await {
+            Ok(Ok((active, scheduled, backlog))) => Ok(QueueDepth {
+                active,
+                scheduled,
+                backlog,
+            }),
+            Ok(Err(err)) => Err(EnqueueError::Push(err.to_string())),
+            Err(_) => Err(EnqueueError::Timeout(timeout)),
+        }
+    }
+
+    /// Pushes the job of a just-created order if the queue has room and no older order is waiting for room;
+    /// otherwise leaves it to the reconciler. `timeout` bounds both round trips together.
+    pub async fn push_new_order(
+        &self,
+        order_id: OrderId,
+        timeout: Duration,
+    ) -> Result<Admission, EnqueueError> {
+        let admit = async {
+            let depth = self.depth(timeout).await?;
+            if depth.backlog || depth.waiting() >= self.max_jobs {
+                return Ok(Admission::Deferred);
+            }
+            self.storage
+                .clone()
+                .push(ProcessOrder { order_id })
+                .await
+                .map_err(|err| EnqueueError::Push(err.to_string()))?;
+            Ok(Admission::Pushed)
+        };
+        tokio::time::timeout(timeout, admit)
+            .await
+            .unwrap_or(Err(EnqueueError::Timeout(timeout)))
+    }
+
+    /// Pushes one job per order, all in one round trip, whatever the queue holds (the caller keeps the
+    /// bound: the reconciler pushes only as many as there is room for).
+    pub async fn push_orders(
+        &self,
+        order_ids: &[OrderId],
+        timeout: Duration,
+    ) -> Result<(), EnqueueError> {
+        if order_ids.is_empty() {
+            return Ok(());
+        }
+        let jobs = order_ids
+            .iter()
+            .map(|&order_id| ProcessOrder { order_id })
+            .collect();
+        let mut storage = self.storage.clone();
+        match tokio::time::timeout(timeout, storage.push_bulk(jobs)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(EnqueueError::Push(err.to_string())),
+            Err(_) => Err(EnqueueError::Timeout(timeout)),
+        }
+    }
+
+    /// Answers whether Redis responds to PING within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let mut conn = self.connection();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
+    }
+}
