@@ -104,6 +104,12 @@ impl Processor {
                 tracing::info!(order_id = %id, status = status.as_str(), "nothing to do for this order");
                 return Ok(Outcome::Skipped(status));
             }
+            // A duplicate job (the reconciler re-pushes by age) for an order another worker is on: skip it now
+            // rather than hold a slot through a stage only to find the lease taken.
+            Some(OrderStatus::Processing) if db::is_leased(&self.db, id).await? => {
+                tracing::info!(order_id = %id, "order held by another worker's live lease; nothing to do");
+                return Ok(Outcome::Skipped(OrderStatus::Processing));
+            }
             Some(OrderStatus::Pending | OrderStatus::Processing) => {}
         }
         tokio::time::sleep(self.stage_delay).await;

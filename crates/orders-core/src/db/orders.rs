@@ -292,6 +292,20 @@ pub async fn order_status(
     .await
 }
 
+/// Whether a `PROCESSING` order is held by a live lease: a duplicate job for it has nothing to do.
+pub async fn is_leased(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"
+        select exists (
+            select 1 from orders where id = $1 and status = 'PROCESSING' and lease_until > now()
+        ) as "leased!"
+        "#,
+        id as OrderId
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// An order the reconciler just marked as enqueued, to be pushed now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DueOrder {

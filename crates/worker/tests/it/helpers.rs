@@ -1,5 +1,6 @@
 use std::{
     future::Future,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -8,7 +9,7 @@ use orders_core::{
     config::QueueConfig,
     db::{orders as db, users},
     domain::{Amount, Email, OrderId, OrderStatus, ProductName, UserId, UserName},
-    queue::{self, Admission, EnqueueError, OrderQueue},
+    queue::{self, Admission, EnqueueError, OrderQueue, QueueKeys},
 };
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -39,6 +40,52 @@ impl TestQueue {
 
     pub fn push_queue(&self) -> OrderQueue {
         queue::order_queue(&self.config).expect("queue")
+    }
+
+    /// A connection for looking at (and tampering with) this queue's keys.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.config.redis_url.as_str())
+            .expect("Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis answers")
+    }
+
+    /// The layout of this queue's keys.
+    pub fn keys(&self) -> QueueKeys {
+        QueueKeys::new(&queue::queue_settings(&self.config))
+    }
+
+    /// Every key of this queue that exists now, sorted (KEYS is fine on a test's own small keyspace).
+    pub async fn existing_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.config.queue_name))
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// Registered workers (apalis's workers set).
+    pub async fn registered_workers(&self) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(self.keys().workers)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap()
+    }
+
+    /// Workers' metadata hashes that exist.
+    pub async fn worker_metadata_keys(&self) -> Vec<String> {
+        let prefix = format!("{}:", self.keys().worker_metadata);
+        self.existing_keys()
+            .await
+            .into_iter()
+            .filter(|key| key.starts_with(&prefix))
+            .collect()
     }
 
     /// Deletes every key of this queue, as if Redis had been wiped.
@@ -194,4 +241,34 @@ pub async fn transitions(db: &PgPool, status: &str) -> Vec<(Uuid, i64)> {
     .fetch_all(db)
     .await
     .unwrap()
+}
+
+/// The URL of the test's own database, for a spawned process.
+pub fn database_url(db: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for #[sqlx::test]");
+    let name = db
+        .connect_options()
+        .get_database()
+        .expect("database name")
+        .to_owned();
+    let (server, _) = base.rsplit_once('/').expect("URL has a path");
+    format!("{server}/{name}")
+}
+
+/// The `worker` binary on the test's database and queue, as ops run it.
+pub fn spawn_binary(db: &PgPool, queue: &TestQueue, stage_delay_ms: u64, lease_ms: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("DATABASE_URL", database_url(db))
+        .env("REDIS_URL", &queue.config.redis_url)
+        .env("QUEUE_NAME", &queue.config.queue_name)
+        .env("ORDER_STAGE_DELAY_MS", stage_delay_ms.to_string())
+        .env("ORDER_LEASE_MS", lease_ms.to_string())
+        .env("WORKER_HEARTBEAT_MS", "500")
+        .env("RECONCILE_INTERVAL_MS", "500")
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("worker binary")
 }

@@ -8,3 +8,4 @@ mod end_to_end;
 mod handler;
 mod helpers;
 mod processes;
+mod queue_at_scale;

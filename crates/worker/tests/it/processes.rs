@@ -2,7 +2,7 @@
 
 use std::{
     io::Read,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -10,37 +10,9 @@ use orders_core::domain::OrderStatus;
 use sqlx::PgPool;
 
 use crate::helpers::{
-    TestQueue, create_and_enqueue, fast_settings, spawn_worker, status_of, wait_until,
+    TestQueue, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
+    status_of, wait_until,
 };
-
-/// The URL of the test's own database, for a spawned process.
-fn database_url(db: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for #[sqlx::test]");
-    let name = db
-        .connect_options()
-        .get_database()
-        .expect("database name")
-        .to_owned();
-    let (server, _) = base.rsplit_once('/').expect("URL has a path");
-    format!("{server}/{name}")
-}
-
-fn spawn_binary(db: &PgPool, queue: &TestQueue, stage_delay_ms: u64, lease_ms: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .env("DATABASE_URL", database_url(db))
-        .env("REDIS_URL", &queue.config.redis_url)
-        .env("QUEUE_NAME", &queue.config.queue_name)
-        .env("ORDER_STAGE_DELAY_MS", stage_delay_ms.to_string())
-        .env("ORDER_LEASE_MS", lease_ms.to_string())
-        .env("WORKER_HEARTBEAT_MS", "500")
-        .env("RECONCILE_INTERVAL_MS", "500")
-        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("worker binary")
-}
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn an_order_held_by_a_killed_worker_is_completed_by_another(db: PgPool) {
