@@ -53,12 +53,13 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 3000)]
     pub worker_heartbeat_ms: u64,
 
-    /// How often the reconciler looks in PostgreSQL for orders whose job may be lost (milliseconds).
+    /// How often the reconciler sweeps Redis and looks in PostgreSQL for orders whose job may be lost
+    /// (milliseconds). While a backlog waits in PostgreSQL it also feeds it every 100 ms.
     #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = 5000)]
     pub reconcile_interval_ms: u64,
 
-    /// A PENDING order whose job was pushed longer ago than this while the queue is idle is pushed again
-    /// (milliseconds).
+    /// A PENDING order whose job was pushed longer ago than this is pushed again, if Redis has room
+    /// (milliseconds). By age alone: a duplicate delivery is harmless, a lost one is not.
     #[arg(long, env = "RECONCILE_REDELIVER_AFTER_MS", default_value_t = 10_000)]
     pub reconcile_redeliver_after_ms: u64,
 

@@ -132,6 +132,7 @@ pub async fn run(
     let dead_after = settings.heartbeat() * (2 * MISSED_HEARTBEATS as u32);
     let mut janitor = Janitor::new(connection.clone(), push_queue.keys().clone(), dead_after);
     let reconciler = Reconciler::new(
+        name.clone(),
         db.clone(),
         push_queue,
         janitor.clone(),

@@ -8,16 +8,21 @@
 //!   `PROCESSING` order whose lease expired;
 //! - **sweeps Redis** (see [`crate::janitor`]).
 //!
-//! `FOR UPDATE SKIP LOCKED` plus marking orders as just enqueued keeps several reconcilers from pushing the
-//! same order in one round; a duplicate push would be harmless anyway (the handler's updates are conditional).
+//! One reconciler feeds at a time (a lock in Redis), so several workers never fill the same room twice and the
+//! bound holds; `FOR UPDATE SKIP LOCKED` plus marking orders as just enqueued would keep them from pushing the same
+//! order anyway, and a duplicate push is harmless (the handler's updates are conditional).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
 
 use orders_core::{
     db::orders as db,
     domain::OrderId,
     queue::{OrderQueue, gauges},
 };
+use redis::Script;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -27,9 +32,20 @@ use crate::{config::WorkerSettings, janitor::Janitor};
 const BATCH: u64 = 1000;
 /// While a backlog waits in PostgreSQL, how often the reconciler looks for room in Redis.
 const FEED_INTERVAL: Duration = Duration::from_millis(100);
+/// How often, at least, finished jobs are forgotten: Redis holds at most this long's worth of them.
+const PURGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the feed lock outlives a reconciler that died holding it. A round takes milliseconds.
+const FEED_LOCK_TTL: Duration = Duration::from_secs(10);
+
+/// Deletes the feed lock only if its holder is the caller.
+static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(r#"if redis.call("get", KEYS[1]) == ARGV[1] then redis.call("del", KEYS[1]) end"#)
+});
 
 /// Feeds and re-feeds the queue from PostgreSQL, and sweeps Redis.
 pub struct Reconciler {
+    /// This worker process's name: the feed lock's value.
+    name: String,
     db: PgPool,
     queue: OrderQueue,
     janitor: Janitor,
@@ -44,6 +60,7 @@ pub struct Reconciler {
 impl Reconciler {
     /// A reconciler over `db` pushing to `queue`.
     pub fn new(
+        name: String,
         db: PgPool,
         queue: OrderQueue,
         janitor: Janitor,
@@ -51,6 +68,7 @@ impl Reconciler {
         push_timeout: Duration,
     ) -> Self {
         Self {
+            name,
             db,
             queue,
             janitor,
@@ -75,9 +93,49 @@ impl Reconciler {
         self.backlog
     }
 
-    /// Pushes due orders, oldest first, while Redis has room, if it has at least `min_room`. Skips the round
-    /// while Redis is unreachable, so that orders are not marked as enqueued when they cannot be.
+    /// Pushes due orders, oldest first, while Redis has room, if it has at least `min_room`: one reconciler at
+    /// a time (the others skip the round), so that together they never fill the same room twice.
     async fn feed(&mut self, min_room: u64) -> anyhow::Result<usize> {
+        match self.lock_feed().await {
+            Ok(true) => {}
+            Ok(false) => return Ok(0),
+            Err(err) => {
+                tracing::warn!(error = %err, "reconciler: Redis unreachable, skipping this round");
+                return Ok(0);
+            }
+        }
+        let fed = self.feed_locked(min_room).await;
+        if let Err(err) = self.unlock_feed().await {
+            tracing::warn!(error = %err, "reconciler: cannot release the feed lock; it expires by itself");
+        }
+        fed
+    }
+
+    /// Takes the feed lock for [`FEED_LOCK_TTL`] unless another reconciler holds it.
+    async fn lock_feed(&self) -> redis::RedisResult<bool> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&self.queue.keys().feed_lock)
+            .arg(&self.name)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(FEED_LOCK_TTL.as_millis()).unwrap_or(u64::MAX))
+            .query_async(&mut self.queue.connection())
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Releases the feed lock if this reconciler still holds it.
+    async fn unlock_feed(&self) -> redis::RedisResult<()> {
+        UNLOCK
+            .key(&self.queue.keys().feed_lock)
+            .arg(&self.name)
+            .invoke_async(&mut self.queue.connection())
+            .await
+    }
+
+    /// [`Self::feed`] under the lock. Skips the round while Redis is unreachable, so that orders are not marked
+    /// as enqueued when they cannot be.
+    async fn feed_locked(&mut self, min_room: u64) -> anyhow::Result<usize> {
         let depth = match self.queue.depth(self.push_timeout).await {
             Ok(depth) => depth,
             Err(err) => {
@@ -147,18 +205,19 @@ impl Reconciler {
         }
     }
 
-    /// Runs a full round every `interval`, and while a backlog waits, feeds it every 100 ms as soon as half the
-    /// queue has drained (large batches, few queries), until `stop` is cancelled.
+    /// Runs a full round every `interval`; in between, forgets finished jobs every second, and while a backlog
+    /// waits, feeds it every 100 ms as soon as half the queue has drained (large batches, few queries), until
+    /// `stop` is cancelled.
     pub async fn run(mut self, interval: Duration, stop: CancellationToken) {
-        let feed_interval = FEED_INTERVAL.min(interval);
         let low_water = (self.queue.max_jobs() / 2).max(1);
         let mut next_full = Instant::now();
         loop {
-            let wait = if self.backlog {
-                feed_interval.min(next_full.saturating_duration_since(Instant::now()))
+            let tick = if self.backlog {
+                FEED_INTERVAL
             } else {
-                next_full.saturating_duration_since(Instant::now())
+                PURGE_INTERVAL
             };
+            let wait = tick.min(next_full.saturating_duration_since(Instant::now()));
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
@@ -168,7 +227,14 @@ impl Reconciler {
                 next_full = Instant::now() + interval;
                 self.run_once().await
             } else {
-                self.feed(low_water).await
+                if let Err(err) = self.janitor.purge_finished().await {
+                    tracing::warn!(error = %err, "janitor: purge failed; retrying next round");
+                }
+                if self.backlog {
+                    self.feed(low_water).await
+                } else {
+                    Ok(0)
+                }
             };
             match round {
                 Ok(0) => {}

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod backlog;
 mod helpers;
 mod observability;
 mod openapi;

@@ -1,7 +1,7 @@
 //! Where apalis-redis keeps a queue's state, and the one key of our own. apalis stays unpatched: the worker's
 //! housekeeping (see `worker::janitor`) works on these keys with scripts of its own, so this is the contract
 //! with apalis-redis 1.0's layout. The names come from `apalis_redis::Config`'s accessors where it has one;
-//! the rest is built here the way apalis builds them. The layout test in the worker's suite pins every name and
+//! the rest is built here the way apalis builds them, and ours live under `<queue>:feeder:`. The layout test in the worker's suite pins every name and
 //! what apalis stores under it, so an upgrade that changes the layout fails loudly.
 
 use apalis_redis::Config;
@@ -32,6 +32,9 @@ pub struct QueueKeys {
     /// Ours: a flag the reconciler sets while orders wait in PostgreSQL for room in Redis, so that the api
     /// leaves new orders to it too and the backlog is fed oldest first.
     pub backlog: String,
+    /// Ours: held by the one reconciler feeding the queue at a time, so that several workers do not each fill
+    /// the same room and overshoot `QUEUE_MAX_JOBS`.
+    pub feed_lock: String,
 }
 
 impl QueueKeys {
@@ -50,6 +53,7 @@ impl QueueKeys {
             inflight: config.inflight_jobs_set(),
             signal: config.signal_list(),
             backlog: format!("{}:feeder:backlog", config.queue.as_ref()),
+            feed_lock: format!("{}:feeder:lock", config.queue.as_ref()),
         }
     }
 

@@ -104,10 +104,10 @@ async fn a_queue_piled_up_past_what_apalis_can_fetch_still_drains(db: PgPool) {
     running.await.unwrap();
 }
 
-/// Keys a queue keeps while idle: the workers set, plus one metadata hash per live worker, plus apalis's
-/// signal list.
+/// Keys a queue may keep once nothing waits: the workers set, apalis's signal list, our backlog flag and feed
+/// lock, plus per live worker its metadata hash and its in-flight set (the README states this bound).
 fn idle_key_bound(live_workers: usize) -> usize {
-    2 + 2 * live_workers
+    4 + 2 * live_workers
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -302,6 +302,7 @@ fn the_key_names_the_housekeeping_relies_on_are_apalis_redis_1_0s() {
             inflight: "q:inflight".into(),
             signal: "q:signal".into(),
             backlog: "q:feeder:backlog".into(),
+            feed_lock: "q:feeder:lock".into(),
         }
     );
 }
