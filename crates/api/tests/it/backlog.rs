@@ -32,15 +32,7 @@ async fn past_the_queue_bound_orders_wait_in_postgresql_and_the_service_stays_re
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for series in [
         "queue_jobs_waiting ",
         "orders_pending ",

@@ -140,6 +140,18 @@ impl TestApp {
             .expect("request")
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.expect("text")
+    }
+
     pub async fn cancel(&self, token: &str, id: &str) -> Response {
         self.client
             .patch(self.url(&format!("/orders/{id}/cancel")))

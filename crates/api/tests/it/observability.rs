@@ -47,15 +47,7 @@ async fn metrics_list_requests_latencies_and_orders_created(pool: PgPool) {
         .unwrap()
         .to_owned();
     app.get(&user.access, &format!("/orders/{id}")).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains(r#"route="/orders/{id}""#));
     assert!(!text.contains(&id));
 }
