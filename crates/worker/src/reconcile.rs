@@ -80,17 +80,12 @@ impl Reconciler {
     }
 
     /// A full round: sweeps Redis, then pushes every due order there is room for. Returns how many were pushed.
-    pub async fn run_once(&mut self) -> anyhow::Result<usize> {
+    async fn full_round(&mut self) -> anyhow::Result<usize> {
         match self.janitor.sweep().await {
             Ok(sweep) => tracing::debug!(?sweep, "janitor: swept"),
             Err(err) => tracing::warn!(error = %err, "janitor: sweep failed; retrying next round"),
         }
         self.feed(1).await
-    }
-
-    /// Whether the last round left orders waiting in PostgreSQL for room in Redis.
-    pub fn has_backlog(&self) -> bool {
-        self.backlog
     }
 
     /// Pushes due orders, oldest first, while Redis has room, if it has at least `min_room`: one reconciler at
@@ -145,7 +140,7 @@ impl Reconciler {
         };
         gauges::record_depth(depth.waiting());
         let mut room = self.queue.max_jobs().saturating_sub(depth.waiting());
-        if room < min_room.max(1) {
+        if room == 0 || room < min_room {
             // Nothing is taken, so nothing new is learnt about the backlog: keep its flag alive.
             self.publish_backlog().await;
             return Ok(0);
@@ -225,7 +220,7 @@ impl Reconciler {
             let full = Instant::now() >= next_full;
             let round = if full {
                 next_full = Instant::now() + interval;
-                self.run_once().await
+                self.full_round().await
             } else {
                 if let Err(err) = self.janitor.purge_finished().await {
                     tracing::warn!(error = %err, "janitor: purge failed; retrying next round");

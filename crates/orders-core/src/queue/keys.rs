@@ -1,8 +1,8 @@
-//! Where apalis-redis keeps a queue's state, and the one key of our own. apalis stays unpatched: the worker's
-//! housekeeping (see `worker::janitor`) works on these keys with scripts of its own, so this is the contract
-//! with apalis-redis 1.0's layout. The names come from `apalis_redis::Config`'s accessors where it has one;
-//! the rest is built here the way apalis builds them, and ours live under `<queue>:feeder:`. The layout test in the worker's suite pins every name and
-//! what apalis stores under it, so an upgrade that changes the layout fails loudly.
+//! Where apalis-redis keeps a queue's state, and the two keys of our own (under `<queue>:feeder:`). apalis stays
+//! unpatched: the worker's housekeeping (`worker::janitor`) works on these keys with scripts of its own, so
+//! this is the contract with apalis-redis 1.0's layout. The names come from `apalis_redis::Config`'s accessors
+//! where it has one; the rest are built here the way apalis builds them. The layout tests in the worker's suite
+//! pin every name and what apalis stores under it, so an upgrade that changes the layout fails loudly.
 
 use apalis_redis::Config;
 
