@@ -11,7 +11,10 @@
 pub mod gauges;
 pub mod keys;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use apalis_core::backend::TaskSink;
 use apalis_redis::{Config, ConnectionManager, RedisStorage};
@@ -104,6 +107,59 @@ pub struct OrderQueue {
     storage: RedisStorage<ProcessOrder>,
     keys: Arc<QueueKeys>,
     max_jobs: u64,
+    admissions: Arc<Admissions>,
+}
+
+/// How long one reading of the queue's depth admits new orders without asking Redis again.
+pub const ADMISSION_WINDOW: Duration = Duration::from_millis(50);
+/// Most new orders one reading admits. Several api processes reading the same room at once can overshoot
+/// `QUEUE_MAX_JOBS` together by at most this much each.
+pub const ADMISSION_BUDGET: u64 = 250;
+
+/// What the last reading of the queue's depth still admits, shared by this process's requests.
+#[derive(Debug, Default)]
+struct Admissions(Mutex<Reading>);
+
+#[derive(Debug, Default)]
+struct Reading {
+    at: Option<Instant>,
+    /// Whether the queue had room and no backlog.
+    open: bool,
+    /// Pushes this reading still admits.
+    budget: u64,
+}
+
+impl Admissions {
+    fn reading(&self) -> std::sync::MutexGuard<'_, Reading> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Some(admitted)` while the last reading is fresh and decides; `None` when Redis must be read again.
+    fn admit_from_last_reading(&self) -> Option<bool> {
+        let mut reading = self.reading();
+        if reading.at.is_none_or(|at| at.elapsed() >= ADMISSION_WINDOW) {
+            return None;
+        }
+        if !reading.open {
+            return Some(false);
+        }
+        reading.budget = reading.budget.checked_sub(1)?;
+        Some(true)
+    }
+
+    /// Records a fresh reading and decides on one order with it.
+    fn admit_from(&self, depth: QueueDepth, max_jobs: u64) -> bool {
+        let room = max_jobs.saturating_sub(depth.waiting());
+        let mut reading = self.reading();
+        reading.at = Some(Instant::now());
+        reading.open = !depth.backlog && room > 0;
+        reading.budget = if reading.open {
+            room.min(ADMISSION_BUDGET) - 1
+        } else {
+            0
+        };
+        reading.open
+    }
 }
 
 impl OrderQueue {
@@ -114,6 +170,7 @@ impl OrderQueue {
             keys: Arc::new(QueueKeys::new(&settings)),
             storage: RedisStorage::new(connection).with_config(settings),
             max_jobs: config.queue_max_jobs,
+            admissions: Arc::default(),
         }
     }
 
@@ -151,15 +208,22 @@ impl OrderQueue {
     }
 
     /// Pushes the job of a just-created order if the queue has room and no older order is waiting for room;
-    /// otherwise leaves it to the reconciler. `timeout` bounds both round trips together.
+    /// otherwise leaves it to the reconciler. The room is read from Redis at most once per
+    /// [`ADMISSION_WINDOW`] or per [`ADMISSION_BUDGET`] pushes, not once per order. `timeout` bounds the whole.
     pub async fn push_new_order(
         &self,
         order_id: OrderId,
         timeout: Duration,
     ) -> Result<Admission, EnqueueError> {
         let admit = async {
-            let depth = self.depth(timeout).await?;
-            if depth.backlog || depth.waiting() >= self.max_jobs {
+            let admitted = match self.admissions.admit_from_last_reading() {
+                Some(admitted) => admitted,
+                None => {
+                    let depth = self.depth(timeout).await?;
+                    self.admissions.admit_from(depth, self.max_jobs)
+                }
+            };
+            if !admitted {
                 return Ok(Admission::Deferred);
             }
             self.storage
@@ -202,5 +266,47 @@ impl OrderQueue {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
         matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ADMISSION_BUDGET, Admissions, QueueDepth};
+
+    fn depth(waiting: u64, backlog: bool) -> QueueDepth {
+        QueueDepth {
+            active: waiting,
+            scheduled: 0,
+            backlog,
+        }
+    }
+
+    #[test]
+    fn a_reading_admits_no_more_than_the_room_it_saw_then_asks_again() {
+        let admissions = Admissions::default();
+        assert_eq!(admissions.admit_from_last_reading(), None);
+        assert!(admissions.admit_from(depth(7, false), 10));
+        assert_eq!(admissions.admit_from_last_reading(), Some(true));
+        assert_eq!(admissions.admit_from_last_reading(), Some(true));
+        assert_eq!(admissions.admit_from_last_reading(), None);
+    }
+
+    #[test]
+    fn a_reading_admits_at_most_the_budget_however_large_the_room() {
+        let admissions = Admissions::default();
+        assert!(admissions.admit_from(depth(0, false), 5000));
+        let admitted = std::iter::from_fn(|| admissions.admit_from_last_reading())
+            .take(10_000)
+            .count() as u64;
+        assert_eq!(admitted + 1, ADMISSION_BUDGET);
+    }
+
+    #[test]
+    fn a_full_queue_or_a_backlog_defers_until_the_next_reading() {
+        let admissions = Admissions::default();
+        assert!(!admissions.admit_from(depth(10, false), 10));
+        assert_eq!(admissions.admit_from_last_reading(), Some(false));
+        assert!(!admissions.admit_from(depth(0, true), 10));
+        assert_eq!(admissions.admit_from_last_reading(), Some(false));
     }
 }
