@@ -10,8 +10,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 /// The orders HTTP API: accounts, JWT sessions and orders, backed by PostgreSQL and a Redis job queue.
 #[derive(Clone, Parser)]
-#[command(name = "api", version, about, long_about = None)]
+#[command(name = "api", version, about, long_about = None, subcommand_negates_reqs = true)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     #[command(flatten)]
     pub database: DatabaseConfig,
 
@@ -25,9 +28,13 @@ pub struct Config {
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:8000")]
     pub bind_addr: SocketAddr,
 
+    /// Where `GET /metrics` (Prometheus) is served: its own listener, kept off the public port; `off` to disable.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    pub metrics_addr: String,
+
     /// Secret that signs the JWTs; at least 32 bytes. Required.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
-    pub jwt_secret: SecretString,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret, required = true)]
+    pub jwt_secret: Option<SecretString>,
 
     /// JWT signing algorithm: HS256, HS384 or HS512.
     #[arg(long, env = "JWT_ALGORITHM", default_value = "HS256")]
@@ -40,6 +47,16 @@ pub struct Config {
     /// Lifetime of a refresh token (and of a session without activity), in days.
     #[arg(long, env = "REFRESH_TOKEN_EXPIRE_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=365))]
     pub refresh_token_expire_days: u64,
+
+    /// Longest a session lasts from its login, in days, however often it is refreshed; then the user logs in
+    /// again.
+    #[arg(long, env = "SESSION_MAX_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub session_max_days: u64,
+
+    /// Failed logins of one account (by email, whether or not it exists) allowed per 15-minute window; past it
+    /// the account's logins answer 429 until the window ends. A successful login resets the count.
+    #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub login_max_failures: u32,
 
     /// Take the client's address for rate limiting from the rightmost X-Forwarded-For entry. Only behind a
     /// reverse proxy you control, which appends the address it saw; otherwise clients could pick their own.
@@ -64,6 +81,14 @@ pub struct Config {
     /// Most password hashes computed at once (each takes 19 MiB); 0 means one per CPU core.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+pub enum Command {
+    /// Apply pending database migrations and exit (for a deploy that migrates before it rolls the replicas;
+    /// then start them with MIGRATE_ON_START=false). Needs only the database settings.
+    Migrate,
 }
 
 /// Per-client request limits: a burst of N, refilled at N per minute. 0 turns one limit off.
@@ -117,6 +142,9 @@ fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(value))
 }
 
+/// The request timeout when the budgets above add up to less.
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(4500);
+
 /// The shortest secret accepted: HMAC keys need at least as many bytes as the hash output (RFC 8725 §3.5).
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -127,6 +155,10 @@ pub enum ConfigError {
         "JWT_SECRET must be at least {MIN_SECRET_LEN} bytes long (it is {0}); generate one with `openssl rand -hex 32`"
     )]
     SecretTooShort(usize),
+    #[error(
+        "JWT_SECRET is not set: put it in the environment or in a .env file in the working directory (generate one with `openssl rand -hex 32`)"
+    )]
+    MissingSecret,
     #[error("JWT_ALGORITHM must be HS256, HS384 or HS512 (got {0:?})")]
     UnsupportedAlgorithm(String),
     #[error(transparent)]
@@ -136,7 +168,7 @@ pub enum ConfigError {
 impl Config {
     /// Checks what clap cannot: the secret's length and the algorithm. The secret itself is never printed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let len = self.jwt_secret.expose_secret().len();
+        let len = self.jwt_secret()?.expose_secret().len();
         if len < MIN_SECRET_LEN {
             return Err(ConfigError::SecretTooShort(len));
         }
@@ -145,6 +177,11 @@ impl Config {
             self.worker.validate()?;
         }
         Ok(())
+    }
+
+    /// The JWT signing secret.
+    pub fn jwt_secret(&self) -> Result<&SecretString, ConfigError> {
+        self.jwt_secret.as_ref().ok_or(ConfigError::MissingSecret)
     }
 
     /// The JWT algorithm, one of the HMAC family.
@@ -171,13 +208,37 @@ impl Config {
     pub fn enqueue_timeout(&self) -> Duration {
         Duration::from_millis(self.enqueue_timeout_ms)
     }
+
+    /// Longest life of a session.
+    pub fn session_max(&self) -> Duration {
+        Duration::from_secs(self.session_max_days * 24 * 60 * 60)
+    }
+
+    /// How long a request may take before it is answered 503. It covers the longest path that commits something
+    /// and must then answer with it, a create: reading the queue's room, a wait for a connection, the insert
+    /// (one statement), then the push. A create that committed is therefore answered 201, never 503.
+    pub fn request_timeout(&self) -> Duration {
+        let create = self.enqueue_timeout()
+            + self.database.acquire_timeout()
+            + self.database.statement_timeout()
+            + self.enqueue_timeout()
+            + Duration::from_millis(500);
+        create.max(MIN_REQUEST_TIMEOUT)
+    }
 }
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
+            .field("command", &self.command)
+            .field("database", &self.database)
+            .field("queue", &self.queue)
             .field("bind_addr", &self.bind_addr)
-            .field("queue_name", &self.queue.queue_name)
+            .field("metrics_addr", &self.metrics_addr)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "[redacted]"),
+            )
             .field("jwt_algorithm", &self.jwt_algorithm)
             .field("trust_proxy_headers", &self.trust_proxy_headers)
             .field("with_worker", &self.with_worker)

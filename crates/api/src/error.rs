@@ -110,6 +110,12 @@ pub enum ApiError {
     /// 400: a body that could not be read at all.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// 429 with `Retry-After` (whole seconds, at least 1): a rate limit or the login throttle.
+    #[error("too many requests")]
+    TooManyRequests {
+        /// Seconds until a retry can succeed.
+        retry_after_secs: u64,
+    },
     /// 503: PostgreSQL or Redis is unreachable or too slow.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -191,6 +197,17 @@ impl IntoResponse for ApiError {
                 "Expected a request with `Content-Type: application/json`",
             ),
             Self::BadRequest(msg) => detail(StatusCode::BAD_REQUEST, msg),
+            Self::TooManyRequests { retry_after_secs } => {
+                let mut response = detail(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Rate limit exceeded. Try again later.",
+                );
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs.max(1)),
+                );
+                response
+            }
             Self::Unavailable(cause) => {
                 tracing::warn!(%cause, "dependency unavailable");
                 detail(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use api::{App, Config};
+use api::{App, Config, config::Command};
 use clap::Parser;
 
 #[tokio::main]
@@ -12,6 +12,19 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let config = Config::parse();
+    if let Some(Command::Migrate) = config.command {
+        orders_core::telemetry::init(config.log.log_format);
+        return match orders_core::db::migrate(&config.database).await {
+            Ok(()) => {
+                tracing::info!("migrations applied");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!("cannot migrate: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(err) = config.validate() {
         eprintln!("error: {err}");
         return ExitCode::from(2);

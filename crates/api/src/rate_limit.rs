@@ -25,7 +25,7 @@ use tower_governor::{
 
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::error::ErrorBody;
+use crate::error::{ApiError, ErrorBody};
 
 /// Finds the client a request counts against.
 #[derive(Debug, Clone, Copy)]
@@ -134,16 +134,14 @@ impl RouteLimits {
 fn too_many_requests(error: GovernorError) -> Response<Body> {
     match error {
         GovernorError::TooManyRequests { wait_time, headers } => {
-            let mut response = (
-                StatusCode::TOO_MANY_REQUESTS,
-                Json(ErrorBody {
-                    detail: "Rate limit exceeded. Try again later.".into(),
-                }),
-            )
-                .into_response();
+            let mut response = ApiError::TooManyRequests {
+                retry_after_secs: wait_time,
+            }
+            .into_response();
             if let Some(headers) = headers {
                 response.headers_mut().extend(headers);
             }
+            // governor's headers may carry its own Retry-After; ours (at least 1) wins.
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait_time.max(1)));

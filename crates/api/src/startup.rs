@@ -36,14 +36,18 @@ use crate::{
     state::AppState,
 };
 
-/// A request that takes longer than this is answered 503: every dependency has a shorter timeout of its own,
-/// so this only catches what slips through.
-const REQUEST_TIMEOUT: Duration = Duration::from_millis(4500);
+/// How often expired sessions and ended login windows are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Rows one purge statement deletes at most: a short transaction, however large the table.
+const PURGE_BATCH: i64 = 1000;
 
-/// A bound listener and the application to serve on it, with the in-process worker if asked for.
+/// Bound listeners and the application to serve on them, with the in-process worker if asked for.
 pub struct App {
     listener: TcpListener,
     router: Router,
+    /// `/metrics`, on a listener of its own (`METRICS_ADDR`), unless turned off.
+    metrics: Option<(TcpListener, Router)>,
+    db: PgPool,
     worker: Option<(
         worker::WorkerSettings,
         orders_core::config::QueueConfig,
@@ -57,6 +61,11 @@ impl App {
         config.validate()?;
         let db = orders_core::db::connect(&config.database).await?;
         let queue = queue::order_queue(&config.queue)?;
+        if !queue.ping(config.queue.redis_timeout()).await {
+            tracing::warn!(
+                "Redis does not answer (check REDIS_URL): orders are accepted and wait in PostgreSQL until it does"
+            );
+        }
         Self::build_with(config, db, queue).await
     }
 
@@ -68,17 +77,20 @@ impl App {
             .then(|| (config.worker.clone(), config.queue.clone(), db.clone()));
         orders_core::telemetry::prometheus();
         crate::metrics::register();
+        let gauges = Arc::new(BacklogGauges::new(db.clone(), queue.clone()));
         let state = AppState {
-            db,
+            db: db.clone(),
             queue,
             jwt: Arc::new(JwtKeys::new(
-                config.jwt_secret.expose_secret().as_bytes(),
+                config.jwt_secret()?.expose_secret().as_bytes(),
                 config.algorithm()?,
                 config.access_ttl(),
                 config.refresh_ttl(),
             )),
             passwords: PasswordHasher::new(config.password_hash_concurrency)?,
             enqueue_timeout: config.enqueue_timeout(),
+            session_max: config.session_max(),
+            login_max_failures: config.login_max_failures,
         };
         let router = router(state, &config);
         let listener = TcpListener::bind(config.bind_addr).await.with_context(|| {
@@ -87,11 +99,29 @@ impl App {
                 config.bind_addr
             )
         })?;
+        let metrics = match config.metrics_addr.as_str() {
+            "off" => None,
+            addr => {
+                let listener = TcpListener::bind(addr).await.with_context(|| {
+                    format!("cannot listen on METRICS_ADDR={addr} (set another address, or `off`)")
+                })?;
+                Some((listener, metrics_router(gauges)))
+            }
+        };
         Ok(Self {
             listener,
             router,
+            metrics,
+            db,
             worker,
         })
+    }
+
+    /// The address `/metrics` is served on, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The address actually bound (its port is the real one when `BIND_ADDR` asked for port 0).
@@ -111,13 +141,27 @@ impl App {
                 None => Ok(()),
             }
         };
+        let metrics = async {
+            if let Some((listener, router)) = self.metrics {
+                if let Ok(addr) = listener.local_addr() {
+                    tracing::info!(%addr, "metrics at /metrics");
+                }
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    tracing::warn!(error = %err, "the metrics listener stopped");
+                }
+            }
+        };
+        tokio::spawn(purge_periodically(self.db, stop.clone()));
         let server = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let (served, worked) = tokio::join!(server, worker);
+        let (served, worked, ()) = tokio::join!(server, worker, metrics);
         served?;
         worked
     }
@@ -131,7 +175,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             trust_proxy_headers: config.trust_proxy_headers,
         },
     };
-    let gauges = Arc::new(BacklogGauges::new(state.db.clone(), state.queue.clone()));
+    let request_timeout = config.request_timeout();
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, per_route))
@@ -139,14 +183,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
         .split_for_parts();
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
-        .route(
-            "/metrics",
-            get(move || crate::metrics::render(gauges.clone())),
-        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn(time_limit))
+        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .layer(middleware::from_fn(crate::metrics::track))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -176,9 +216,70 @@ async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
 
 const X_REQUEST_ID: &str = "x-request-id";
 
+/// `GET /metrics` alone, with the backlog gauges sampled for each scrape; served on `METRICS_ADDR`.
+fn metrics_router(gauges: Arc<BacklogGauges>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || crate::metrics::render(gauges.clone())),
+        )
+        .fallback(not_found)
+}
+
+/// Deletes dead refresh tokens and ended login windows every [`PURGE_INTERVAL`], in batches of
+/// [`PURGE_BATCH`] rows, until `stop`. Each api process runs one; they skip each other's rows.
+async fn purge_periodically(db: PgPool, stop: CancellationToken) {
+    let mut every = tokio::time::interval(PURGE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match purge(&db).await {
+            Ok((0, 0)) => {}
+            Ok((tokens, logins)) => {
+                tracing::info!(tokens, logins, "purged dead sessions and login windows")
+            }
+            Err(err) => tracing::warn!(error = %err, "purge failed; next round in 10 minutes"),
+        }
+    }
+}
+
+/// One purge round: batches until a batch comes back short. Returns the rows deleted (tokens, login windows).
+pub async fn purge(db: &PgPool) -> sqlx::Result<(u64, u64)> {
+    use orders_core::db::{login_attempts, sessions};
+    let mut tokens = 0;
+    loop {
+        let deleted = sessions::purge_dead_tokens(db, PURGE_BATCH).await?;
+        tokens += deleted;
+        if deleted < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    let mut logins = 0;
+    loop {
+        let deleted = login_attempts::purge_ended(
+            db,
+            crate::routes::auth::LOGIN_THROTTLE_WINDOW,
+            PURGE_BATCH,
+        )
+        .await?;
+        logins += deleted;
+        if deleted < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    Ok((tokens, logins))
+}
+
 /// Answers 503 instead of letting a request hang.
-async fn time_limit(req: Request, next: Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+async fn time_limit(
+    axum::extract::State(timeout): axum::extract::State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
     }

@@ -20,4 +20,8 @@ pub struct AppState {
     pub passwords: PasswordHasher,
     /// How long a create waits for the queue.
     pub enqueue_timeout: Duration,
+    /// Longest life of a session (`SESSION_MAX_DAYS`).
+    pub session_max: Duration,
+    /// Login attempts allowed per account and window (`LOGIN_MAX_FAILURES`).
+    pub login_max_failures: u32,
 }

@@ -10,6 +10,9 @@ use orders_core::config::{DatabaseConfig, LogConfig, QueueConfig};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "worker", version, about, long_about = None)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     #[command(flatten)]
     pub database: DatabaseConfig,
 
@@ -28,12 +31,39 @@ pub struct Config {
     pub worker_metrics_addr: String,
 }
 
+/// What to do instead of consuming the queue.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Re-drive parked or stuck orders: reset their attempts, unpark them and mark them not queued, so that the
+    /// reconciler of a running worker pushes them within RECONCILE_INTERVAL_MS. Finished orders, and orders a
+    /// live worker holds, are left alone. Prints one line per order re-driven.
+    #[command(arg_required_else_help = true)]
+    Requeue {
+        /// Orders to re-drive, by id.
+        #[arg(conflicts_with = "stuck")]
+        order_ids: Vec<uuid::Uuid>,
+        /// Re-drive every parked order, every PENDING order whose job was pushed longer than
+        /// RECONCILE_REDELIVER_AFTER_MS ago, and every PROCESSING order whose lease expired.
+        #[arg(long)]
+        stuck: bool,
+        /// With --stuck, re-drive at most this many orders (oldest first in each kind).
+        #[arg(long, default_value_t = 100_000, requires = "stuck")]
+        limit: i64,
+    },
+}
+
 /// How the worker processes jobs and recovers lost ones.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
     /// Jobs processed at once by this process.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_concurrency: u16,
+
+    /// Attempts an order gets (each delivery that claims it or fails counts one). Past them it is parked: logged
+    /// at error level, counted in `orders_parked_total`, and left PENDING (or PROCESSING) with `parked_at` set
+    /// until `worker requeue` re-drives it.
+    #[arg(long, env = "ORDER_MAX_ATTEMPTS", default_value_t = crate::process_order::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub order_max_attempts: u16,
 
     /// Simulated work per stage, in milliseconds (PENDING → PROCESSING, then this long, then COMPLETED).
     #[arg(long, env = "ORDER_STAGE_DELAY_MS", default_value_t = 2000)]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod janitor;
 pub mod process_order;
 pub mod reconcile;
+pub mod requeue;
 
 use std::{
     sync::Arc,
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, WorkerSettings};
 pub use janitor::Janitor;
-pub use process_order::{Outcome, ProcessError, Processor};
+pub use process_order::{JobFailure, Outcome, ProcessError, Processor};
 pub use reconcile::Reconciler;
 
 /// Heartbeats a worker may miss before other workers take its jobs back.
@@ -84,8 +85,13 @@ impl PollStrategy for EveryInterval {
 fn register_metrics() {
     metrics::describe_counter!(
         "worker_jobs_total",
-        "Jobs handled, by outcome: completed, skipped, lost_lease, failed, aborted"
+        "Jobs handled, by outcome: completed, skipped, lost_lease, failed, aborted, parked"
     );
+    metrics::describe_counter!(
+        "orders_parked_total",
+        "Orders parked after ORDER_MAX_ATTEMPTS attempts (re-drive them with `worker requeue`)"
+    );
+    metrics::counter!("orders_parked_total").increment(0);
     metrics::describe_counter!(
         "worker_jobs_retried_total",
         "Jobs delivered again after a failed attempt"
@@ -104,7 +110,14 @@ fn register_metrics() {
         "order_transitions_total",
         "Order status changes made by workers, by new status"
     );
-    for outcome in ["completed", "skipped", "lost_lease", "failed", "aborted"] {
+    for outcome in [
+        "completed",
+        "skipped",
+        "lost_lease",
+        "failed",
+        "aborted",
+        "parked",
+    ] {
         metrics::counter!("worker_jobs_total", "outcome" => outcome).increment(0);
     }
     metrics::counter!("worker_jobs_retried_total").increment(0);
@@ -141,7 +154,8 @@ pub async fn run(
     );
     let reconciling =
         tokio::spawn(reconciler.run(settings.reconcile_interval(), stop.child_token()));
-    let processor = Processor::new(db, name.clone(), settings.lease(), settings.stage_delay());
+    let processor = Processor::new(db, name.clone(), settings.lease(), settings.stage_delay())
+        .with_max_attempts(settings.order_max_attempts);
     tracing::info!(
         worker = %name,
         queue = %queue_config.queue_name,
@@ -220,21 +234,17 @@ pub async fn run(
     Ok(())
 }
 
-/// A panicking job is not retried (a bug does not go away by itself) and does not take the worker down.
-/// A named function rather than apalis's `catch_panic()`, whose handler type keeps the worker's future from
+/// The backstop for a panic outside [`Processor::run_job`] (which catches and counts its own): the job is not
+/// retried and the worker stays up. A named function rather than apalis's `catch_panic()`, whose handler type keeps the worker's future from
 /// being spawned onto the runtime.
 fn on_panic(panic: &Box<dyn std::any::Any + Send>) -> AbortError {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned());
-    tracing::error!(%message, "job panicked");
+    let message = process_order::panic_message(panic.as_ref());
+    tracing::error!(%message, "job panicked outside its handler");
     AbortError::new(std::io::Error::other(message))
 }
 
-/// One job: permanent failures are not retried; others go back to apalis, which retries them with a growing
-/// delay (and the reconciler covers a job that runs out of retries).
+/// One job. A failure counts as one of the order's attempts; it is retried by apalis (with a growing delay) and
+/// by the reconciler, until the order runs out of attempts and is parked. A missing order is not retried.
 #[tracing::instrument(skip_all, fields(order_id = %job.order_id, attempt = attempt.current()))]
 async fn handle_job(
     job: ProcessOrder,
@@ -245,25 +255,28 @@ async fn handle_job(
         metrics::counter!("worker_jobs_retried_total").increment(1);
     }
     let started = Instant::now();
-    let result = processor.process(job.order_id).await;
+    let result = processor.run_job(job.order_id).await;
     metrics::histogram!("worker_job_duration_seconds").record(started.elapsed().as_secs_f64());
     let outcome = match &result {
         Ok(Outcome::Completed) => "completed",
         Ok(Outcome::Skipped(_)) => "skipped",
         Ok(Outcome::LostLease) => "lost_lease",
-        Err(err) if err.is_permanent() => "aborted",
+        Ok(Outcome::Parked) => "parked",
+        Err(failure) if failure.parked => "parked",
+        Err(failure) if failure.error.is_permanent() => "aborted",
         Err(_) => "failed",
     };
     metrics::counter!("worker_jobs_total", "outcome" => outcome).increment(1);
     match result {
         Ok(_) => Ok(()),
-        Err(err) if err.is_permanent() => {
-            tracing::error!(error = %err, "job failed for good");
-            Err(AbortError::new(err).into())
+        Err(failure) if failure.parked => Err(AbortError::new(failure).into()),
+        Err(failure) if failure.error.is_permanent() => {
+            tracing::error!(error = %failure, "job failed for good");
+            Err(AbortError::new(failure).into())
         }
-        Err(err) => {
-            tracing::warn!(error = %err, "job failed; it will be retried");
-            Err(err.into())
+        Err(failure) => {
+            tracing::warn!(error = %failure, "job failed; it will be retried");
+            Err(failure.into())
         }
     }
 }

@@ -1,9 +1,10 @@
 use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;
+use orders_core::domain::OrderId;
 use orders_core::queue::gauges::BacklogGauges;
 use tokio_util::sync::CancellationToken;
-use worker::Config;
+use worker::{Config, config::Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,6 +27,22 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Requeue {
+        order_ids,
+        stuck,
+        limit,
+    }) = config.command
+    {
+        let ids: Vec<OrderId> = order_ids.into_iter().map(OrderId).collect();
+        let overdue = stuck.then(|| config.worker.redeliver_after());
+        return match worker::requeue::run(&db, &ids, overdue, limit).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("cannot requeue: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let stop = CancellationToken::new();
     if config.worker_metrics_addr != "off" {
         let queue = match orders_core::queue::order_queue(&config.queue) {

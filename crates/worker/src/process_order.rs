@@ -2,7 +2,13 @@
 //! every state change is a conditional update in PostgreSQL, so the outcome is the same in every case:
 //! each order makes each transition at most once, and only the transitions the state machine allows.
 
-use std::time::Duration;
+use std::{
+    panic::AssertUnwindSafe,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use futures_util::FutureExt;
 
 use orders_core::{
     db::orders::{self as db, Claim},
@@ -18,7 +24,11 @@ pub struct Processor {
     worker_name: String,
     lease: Duration,
     stage_delay: Duration,
+    max_attempts: i32,
 }
+
+/// Attempts an order gets unless `ORDER_MAX_ATTEMPTS` says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u16 = 5;
 
 /// What handling one job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +39,19 @@ pub enum Outcome {
     Skipped(OrderStatus),
     /// Another worker took the order over while this one worked (this one's lease had expired).
     LostLease,
+    /// The order has had its `ORDER_MAX_ATTEMPTS` and is parked now: nothing pushes it again until `worker
+    /// requeue` re-drives it.
+    Parked,
+}
+
+/// A job that failed: the error, and whether its order is parked now (then the job is not retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct JobFailure {
+    /// What went wrong (a panic is reported as [`ProcessError::Panicked`]).
+    pub error: ProcessError,
+    /// Whether the order ran out of attempts with this failure.
+    pub parked: bool,
 }
 
 /// Why a job failed.
@@ -40,6 +63,9 @@ pub enum ProcessError {
     /// PostgreSQL failed; worth retrying.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The handler panicked: a bug, or data it cannot handle.
+    #[error("panicked: {0}")]
+    Panicked(String),
 }
 
 impl ProcessError {
@@ -62,13 +88,65 @@ impl Processor {
             worker_name: worker_name.into(),
             lease,
             stage_delay,
+            max_attempts: i32::from(DEFAULT_MAX_ATTEMPTS),
         }
+    }
+
+    /// The same processor, parking an order after `max_attempts` attempts instead of the default 5.
+    pub fn with_max_attempts(mut self, max_attempts: u16) -> Self {
+        self.max_attempts = i32::from(max_attempts.max(1));
+        self
+    }
+
+    /// Handles one job as [`process`](Self::process) does, and counts a failure, a panic included, as one of
+    /// the order's attempts (unless its claim counted it already). The failure that uses up the last attempt
+    /// parks the order.
+    pub async fn run_job(&self, id: OrderId) -> Result<Outcome, JobFailure> {
+        let claimed = AtomicBool::new(false);
+        let result = AssertUnwindSafe(self.process_counting(id, &claimed))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(ProcessError::Panicked(panic_message(panic.as_ref()))));
+        let error = match result {
+            Ok(outcome) => return Ok(outcome),
+            Err(error) if error.is_permanent() => {
+                return Err(JobFailure {
+                    error,
+                    parked: false,
+                });
+            }
+            Err(error) => error,
+        };
+        let counted = claimed.load(Ordering::Relaxed);
+        let parked = match db::record_failure(
+            &self.db,
+            id,
+            &error.to_string(),
+            !counted,
+            self.max_attempts,
+        )
+        .await
+        {
+            Ok(parked) => parked,
+            Err(err) => {
+                // The database is failing too: the attempt goes uncounted, as a transient fault should.
+                tracing::warn!(order_id = %id, error = %err, "cannot record the failed attempt");
+                false
+            }
+        };
+        if parked {
+            tracing::error!(order_id = %id, error = %error, attempts = self.max_attempts, "order parked: out of attempts; `worker requeue` re-drives it");
+            metrics::counter!("orders_parked_total").increment(1);
+        }
+        Err(JobFailure { error, parked })
     }
 
     /// Step 1: claims the order for processing, or tells why not.
     pub async fn claim(&self, id: OrderId) -> Result<Result<Claim, OrderStatus>, ProcessError> {
         let token = format!("{}/{}", self.worker_name, Uuid::now_v7());
-        if let Some(claim) = db::claim_for_processing(&self.db, id, &token, self.lease).await? {
+        let claimed =
+            db::claim_for_processing(&self.db, id, &token, self.lease, self.max_attempts).await?;
+        if let Some(claim) = claimed {
             if claim.previous == OrderStatus::Processing {
                 tracing::warn!(order_id = %id, "took over an order whose worker's lease expired");
             }
@@ -98,6 +176,15 @@ impl Processor {
     /// PENDING → PROCESSING, a stage of simulated processing work, then PROCESSING → COMPLETED. An order that
     /// is already finished is skipped at once, without waiting.
     pub async fn process(&self, id: OrderId) -> Result<Outcome, ProcessError> {
+        self.process_counting(id, &AtomicBool::new(false)).await
+    }
+
+    /// [`process`](Self::process), setting `claimed` once the claim has counted this attempt.
+    async fn process_counting(
+        &self,
+        id: OrderId,
+        claimed: &AtomicBool,
+    ) -> Result<Outcome, ProcessError> {
         match db::order_status(&self.db, id).await? {
             None => return Err(ProcessError::OrderMissing(id)),
             Some(status @ (OrderStatus::Completed | OrderStatus::Cancelled)) => {
@@ -115,11 +202,19 @@ impl Processor {
         tokio::time::sleep(self.stage_delay).await;
         let claim = match self.claim(id).await? {
             Ok(claim) => claim,
+            Err(status @ (OrderStatus::Pending | OrderStatus::Processing))
+                if db::park_exhausted(&self.db, id, self.max_attempts).await? =>
+            {
+                tracing::error!(order_id = %id, status = status.as_str(), attempts = self.max_attempts, "order parked: out of attempts; `worker requeue` re-drives it");
+                metrics::counter!("orders_parked_total").increment(1);
+                return Ok(Outcome::Parked);
+            }
             Err(status) => {
                 tracing::info!(order_id = %id, status = status.as_str(), "nothing to do for this order");
                 return Ok(Outcome::Skipped(status));
             }
         };
+        claimed.store(true, Ordering::Relaxed);
         tokio::time::sleep(self.stage_delay).await;
         Ok(if self.complete(id, &claim).await? {
             Outcome::Completed
@@ -127,4 +222,13 @@ impl Processor {
             Outcome::LostLease
         })
     }
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }

@@ -101,12 +101,25 @@ impl JwtKeys {
 
     /// Signs a token of `kind` for `user`, with `jti` as its id.
     pub fn issue(&self, user: UserId, kind: TokenKind, jti: Uuid) -> anyhow::Result<IssuedToken> {
+        self.issue_until(user, kind, jti, None)
+    }
+
+    /// Like [`issue`](Self::issue), expiring no later than `not_after` (a session's end). The expiry is
+    /// rounded down to a whole second, as the `exp` claim holds it, so the stored expiry and the claim agree.
+    pub fn issue_until(
+        &self,
+        user: UserId,
+        kind: TokenKind,
+        jti: Uuid,
+        not_after: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<IssuedToken> {
         let ttl = match kind {
             TokenKind::Access => self.access_ttl,
             TokenKind::Refresh => self.refresh_ttl,
         };
         let now = Utc::now();
-        let expires_at = now + ttl;
+        let expires_at = not_after.map_or(now + ttl, |cap| cap.min(now + ttl));
+        let expires_at = DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at);
         let claims = Claims {
             sub: user.0,
             iat: now.timestamp(),

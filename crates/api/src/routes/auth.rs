@@ -9,6 +9,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use orders_core::{
     db::{
+        login_attempts::{self, Throttle},
         sessions::{self, NewRefreshToken, Redeemed},
         users::{self, InsertUserError},
     },
@@ -58,12 +59,15 @@ pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppS
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    /// 1–100 characters after trimming.
+    /// 1–100 characters after trimming the whitespace around it; no control characters (U+0000–U+001F,
+    /// U+007F–U+009F) inside.
+    // The pattern is exactly what `UserName::parse` accepts: whitespace as `str::trim` sees it (Unicode
+    // White_Space), then 1–100 characters, none a control character, the first and the last not whitespace, then
+    // whitespace. No maxLength: the whitespace around the name does not count.
     #[schema(
         example = "Ada Lovelace",
         min_length = 1,
-        max_length = 100,
-        pattern = r"\S"
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000](?:[^\u0000-\u001F\u007F-\u009F]{0,98}[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
     )]
     name: String,
     /// A valid address, at most 254 characters; compared case-insensitively.
@@ -171,15 +175,24 @@ pub struct TokenResponse {
     pub expires_in: u64,
 }
 
-/// Issues an access token and the next refresh token of `family_id`, storing the latter's hash.
+/// A session's tokens: what the client gets, and until when its refresh token is accepted.
+struct IssuedPair {
+    body: TokenResponse,
+    refresh_expires_at: DateTime<Utc>,
+}
+
+/// Issues an access token and the next refresh token of `family_id`, storing the latter's hash. Neither
+/// outlives the session (`session_expires_at`).
 async fn issue_tokens(
     conn: &mut PgConnection,
     jwt: &JwtKeys,
     user_id: UserId,
     family_id: Uuid,
-) -> ApiResult<TokenResponse> {
-    let access = jwt.issue(user_id, TokenKind::Access, Uuid::new_v4())?;
-    let refresh = jwt.issue(user_id, TokenKind::Refresh, Uuid::now_v7())?;
+    session_expires_at: DateTime<Utc>,
+) -> ApiResult<IssuedPair> {
+    let session_end = Some(session_expires_at);
+    let access = jwt.issue_until(user_id, TokenKind::Access, Uuid::new_v4(), session_end)?;
+    let refresh = jwt.issue_until(user_id, TokenKind::Refresh, Uuid::now_v7(), session_end)?;
     let hash = token_hash(&refresh.token);
     sessions::insert_refresh_token(
         conn,
@@ -189,20 +202,29 @@ async fn issue_tokens(
             user_id,
             token_hash: &hash,
             expires_at: refresh.expires_at,
+            session_expires_at,
         },
     )
     .await?;
-    Ok(TokenResponse {
-        access_token: access.token,
-        refresh_token: refresh.token,
-        token_type: "bearer",
-        expires_in: jwt.access_ttl().as_secs(),
+    let session_left = (session_expires_at - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    Ok(IssuedPair {
+        body: TokenResponse {
+            access_token: access.token,
+            refresh_token: refresh.token,
+            token_type: "bearer",
+            expires_in: jwt.access_ttl().min(session_left).as_secs(),
+        },
+        refresh_expires_at: refresh.expires_at,
     })
 }
 
-/// The token pair as a response, with the refresh token also in its cookie.
-fn tokens_response(tokens: TokenResponse, jwt: &JwtKeys) -> Response {
-    let cookie = refresh_cookie(&tokens.refresh_token, jwt.refresh_ttl().as_secs());
+/// The token pair as a response, with the refresh token also in its cookie (which lives as long as the token).
+fn tokens_response(pair: IssuedPair) -> Response {
+    let tokens = pair.body;
+    let max_age = (pair.refresh_expires_at - Utc::now()).num_seconds().max(0);
+    let cookie = refresh_cookie(&tokens.refresh_token, u64::try_from(max_age).unwrap_or(0));
     let mut response = (StatusCode::OK, JsonResponse(tokens)).into_response();
     response.headers_mut().insert(header::SET_COOKIE, cookie);
     response.headers_mut().insert(
@@ -214,13 +236,16 @@ fn tokens_response(tokens: TokenResponse, jwt: &JwtKeys) -> Response {
 
 const INVALID_CREDENTIALS: &str = "Invalid credentials";
 
+/// The login throttle's window: at most `LOGIN_MAX_FAILURES` attempts per account in it.
+pub const LOGIN_THROTTLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Logs in: a token pair in the body and the refresh token in an HttpOnly cookie (starts a new session).
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest, responses(
     (status = 200, body = TokenResponse, description = "A token pair; the refresh token is also set as an HttpOnly cookie", headers(("Set-Cookie" = String, description = "refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth"))),
     (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)"),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
     (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
-    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min per client), or too many attempts for this account (10 per 15 min, whether or not it exists; a successful login resets the count)", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn login(
@@ -230,6 +255,23 @@ async fn login(
     let email = Email::parse(&body.email).map_err(|invalid| {
         ApiError::Validation(vec![FieldError::invalid(loc!["body", "email"], invalid)])
     })?;
+    // Counted before the password is checked, known email or not: guesses spread over many addresses stop at
+    // the account's limit, and the answer tells nothing about which accounts exist.
+    let throttle = login_attempts::count_attempt(
+        &state.db,
+        &email,
+        state.login_max_failures,
+        LOGIN_THROTTLE_WINDOW,
+    )
+    .await?;
+    if let Throttle::Blocked { until } = throttle {
+        tracing::warn!("login throttled: too many attempts for one account");
+        metrics::counter!("logins_throttled_total").increment(1);
+        let wait = (until - Utc::now()).num_seconds().max(1);
+        return Err(ApiError::TooManyRequests {
+            retry_after_secs: u64::try_from(wait).unwrap_or(1),
+        });
+    }
     let credentials = users::find_credentials(&state.db, &email).await?;
     let user_id = credentials.as_ref().map(|c| c.user_id);
     let stored_hash = credentials.map(|c| c.password_hash);
@@ -238,9 +280,11 @@ async fn login(
         return Err(ApiError::Unauthorized(INVALID_CREDENTIALS));
     };
     let mut conn = state.db.acquire().await?;
-    let tokens = issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7()).await?;
+    login_attempts::reset(&mut *conn, &email).await?;
+    let session_end = Utc::now() + state.session_max;
+    let tokens = issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7(), session_end).await?;
     tracing::info!(%user_id, "user logged in");
-    Ok(tokens_response(tokens, &state.jwt))
+    Ok(tokens_response(tokens))
 }
 
 /// A refresh token, in the body or (with an empty body) in the `refresh_token` cookie.
@@ -263,7 +307,7 @@ const INVALID_REFRESH: &str = "Invalid or expired refresh token";
 /// session (reuse detection).
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 200, body = TokenResponse, description = "A new pair; the refresh token is new too"),
-    (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, or an access token"),
+    (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, a session past SESSION_MAX_DAYS, or an access token"),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
     (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
@@ -281,10 +325,15 @@ async fn refresh(
         .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
     let mut tx = state.db.begin().await?;
     match sessions::redeem_refresh_token(&mut tx, &token_hash(&token)).await? {
-        Redeemed::Live { family_id, user_id } if user_id.0 == claims.sub => {
-            let tokens = issue_tokens(&mut tx, &state.jwt, user_id, family_id).await?;
+        Redeemed::Live {
+            family_id,
+            user_id,
+            session_expires_at,
+        } if user_id.0 == claims.sub => {
+            let tokens =
+                issue_tokens(&mut tx, &state.jwt, user_id, family_id, session_expires_at).await?;
             tx.commit().await?;
-            Ok(tokens_response(tokens, &state.jwt))
+            Ok(tokens_response(tokens))
         }
         Redeemed::Reused { family_id } => {
             sessions::revoke_family(&mut *tx, family_id).await?;

@@ -10,10 +10,11 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Datelike, Utc};
 use orders_core::{
     db::orders::{self as db, CancelError, NewOrder, OrderCursor},
-    domain::{Amount, Order, OrderId, OrderStatus, ProductName},
+    domain::{Amount, IdempotencyKey, Order, OrderId, OrderStatus, ProductName, UserId},
     queue::Admission,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -86,23 +87,33 @@ impl From<Order> for OrderResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
-    /// 1–200 characters after trimming.
-    #[schema(example = "Widget", min_length = 1, max_length = 200, pattern = r"\S")]
-    product_name: String,
-    /// A JSON number > 0 and ≤ 1,000,000,000 with at most 2 decimal places.
+    /// 1–200 characters after trimming the whitespace around it; no control characters (U+0000–U+001F,
+    /// U+007F–U+009F) inside.
+    // The pattern is exactly what `ProductName::parse` accepts: see `RegisterRequest::name`. No maxLength: the
+    // whitespace around the name does not count.
     #[schema(
+        example = "Widget",
+        min_length = 1,
+        pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000](?:[^\u0000-\u001F\u007F-\u009F]{0,198}[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
+    )]
+    product_name: String,
+    /// A JSON number > 0 and ≤ 1,000,000,000 with at most 2 decimal places, read exactly as written (never
+    /// rounded through a double) and stored exactly.
+    #[schema(
+        value_type = f64,
         example = 19.99,
         exclusive_minimum = 0,
         maximum = 1_000_000_000,
         multiple_of = 0.01
     )]
-    amount: f64,
+    amount: Box<RawValue>,
 }
 
 /// Creates a PENDING order and queues it for processing.
 ///
 /// With an Idempotency-Key header, a repeat of the same request returns the first order (200) instead of
-/// creating another; the same key with another body is refused (409).
+/// creating another; the same key with another body is refused (409). Send one: it makes a retry after a
+/// timeout or a lost connection safe, where a retry without it may create a second order.
 #[utoipa::path(post, path = "/orders/create", tag = "orders", security(("bearer" = [])),
     request_body = CreateOrderRequest,
     params(IdempotencyKeyParam),
@@ -128,18 +139,39 @@ async fn create_order(
         "product_name",
         ProductName::parse(&body.product_name),
     );
-    let amount = body_field(&mut errors, "amount", Amount::parse_f64(body.amount));
+    let amount = body_field(
+        &mut errors,
+        "amount",
+        Amount::parse_json_number(body.amount.get()),
+    );
     let (Some(product_name), Some(amount)) = (product_name, amount) else {
         return Err(ApiError::Validation(errors));
     };
-    let new = NewOrder {
-        user_id: user.user_id,
-        product_name: &product_name,
-        amount,
-        idempotency_key: key.as_ref(),
+    // Whether the job goes to Redis is decided before the insert, so that the insert records it: one commit per
+    // create. A queue that cannot be read defers the order to the reconciler.
+    let admission = match state.queue.admit(state.enqueue_timeout).await {
+        Ok(admission) => admission,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the queue's room; the reconciler will queue the order");
+            Admission::Deferred
+        }
     };
-
-    let Some(order) = db::insert_order(&state.db, &new).await? else {
+    // From the insert on, the work runs in a task of its own: neither the request timeout nor a client that
+    // hangs up can cut it between the commit and the push, and its budget (a pool wait, one statement, one
+    // push) is inside the request timeout (see `Config::request_timeout`).
+    let created = tokio::spawn(insert_and_enqueue(
+        state.clone(),
+        user.user_id,
+        product_name.clone(),
+        amount,
+        key.clone(),
+        admission,
+    ));
+    let order = match created.await {
+        Ok(result) => result?,
+        Err(join) => return Err(anyhow::anyhow!("create task failed: {join}").into()),
+    };
+    let Some(order) = order else {
         // The key was used before (or by a concurrent request that won the race).
         let key = key
             .as_ref()
@@ -154,12 +186,6 @@ async fn create_order(
         }
         return Ok((StatusCode::OK, JsonResponse(OrderResponse::from(first))).into_response());
     };
-
-    // The order is committed: from here on nothing may fail the request. A failed push leaves the order
-    // PENDING with no `enqueued_at`, and the worker's reconciler will queue it.
-    enqueue(&state, order.id).await;
-    metrics::counter!("orders_created_total").increment(1);
-    tracing::info!(order_id = %order.id, user_id = %user.user_id, "order created");
     Ok((
         StatusCode::CREATED,
         JsonResponse(OrderResponse::from(order)),
@@ -167,24 +193,60 @@ async fn create_order(
         .into_response())
 }
 
-async fn enqueue(state: &AppState, order_id: OrderId) {
-    match state
-        .queue
-        .push_new_order(order_id, state.enqueue_timeout)
-        .await
-    {
-        Ok(Admission::Pushed) => {
-            if let Err(err) = db::mark_enqueued(&state.db, order_id).await {
-                tracing::warn!(%order_id, error = %err, "job pushed but not recorded; the reconciler may push it again");
+/// Inserts the order and, if it was admitted, pushes its job. Once the insert has committed nothing fails: a
+/// failed push forgets `enqueued_at` (in the background, bounded), and the reconciler queues the order.
+async fn insert_and_enqueue(
+    state: AppState,
+    user_id: UserId,
+    product_name: ProductName,
+    amount: Amount,
+    key: Option<IdempotencyKey>,
+    admission: Admission,
+) -> ApiResult<Option<Order>> {
+    let pushed = admission == Admission::Pushed;
+    let new = NewOrder {
+        user_id,
+        product_name: &product_name,
+        amount,
+        idempotency_key: key.as_ref(),
+        enqueued: pushed,
+    };
+    let inserted = db::insert_order(&state.db, &new).await.map_err(|err| {
+        if orders_core::db::is_constraint_violation(&err, "orders_user_id_fkey") {
+            ApiError::Unauthorized(USER_GONE)
+        } else {
+            err.into()
+        }
+    })?;
+    let Some(order) = inserted else {
+        return Ok(None);
+    };
+    metrics::counter!("orders_created_total").increment(1);
+    tracing::info!(order_id = %order.id, %user_id, "order created");
+    if !pushed {
+        metrics::counter!("orders_deferred_total").increment(1);
+        tracing::debug!(order_id = %order.id, "queue full or backlog waiting: the reconciler will queue the order");
+    } else if let Err(err) = state.queue.push(order.id, state.enqueue_timeout).await {
+        tracing::warn!(order_id = %order.id, error = %err, "could not queue the order; the reconciler will");
+        let (db, id) = (state.db.clone(), order.id);
+        tokio::spawn(async move {
+            // Without this the reconciler still re-pushes the order, RECONCILE_REDELIVER_AFTER_MS later.
+            if let Err(err) = db::clear_enqueued(&db, &[id]).await {
+                tracing::debug!(order_id = %id, error = %err, "cannot clear enqueued_at; the order is re-pushed by age");
             }
-        }
-        Ok(Admission::Deferred) => {
-            metrics::counter!("orders_deferred_total").increment(1);
-            tracing::debug!(%order_id, "queue full or backlog waiting: the reconciler will queue the order");
-        }
-        Err(err) => {
-            tracing::warn!(%order_id, error = %err, "could not queue the order; the reconciler will")
-        }
+        });
+    }
+    Ok(Some(order))
+}
+
+const USER_GONE: &str = "User no longer exists";
+
+/// A valid access token may outlive its user (deleted since). Checked only where an answer would otherwise be
+/// empty or 404, so the common path costs no extra query: such a token gets 401, as on `/auth/me`.
+async fn ensure_user_exists(state: &AppState, user: AuthUser) -> ApiResult<()> {
+    match orders_core::db::users::find_user(&state.db, user.user_id).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::Unauthorized(USER_GONE)),
     }
 }
 
@@ -219,6 +281,16 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// Where the previous page ended: copy it from that page's `Link: <…>; rel="next"` header.
+    // An opaque token to clients, but the schema says which ones `decode_cursor` accepts: URL-safe base64 without
+    // padding of `<16-digit micros>.<hyphenated lower-case UUID>` (every cursor issued for a time between 2001
+    // and 2286). Each group of 4 characters encodes 3 bytes of that layout, so the pattern lists, group by group,
+    // the encodings of the bytes allowed there. decode_cursor accepts a few forms more (other digit counts, a
+    // sign, upper-case or unhyphenated UUIDs) that no cursor we issue has.
+    #[param(
+        min_length = 71,
+        max_length = 71,
+        pattern = r"^(?:(?:O[DT]|[MN][DTjz])[AEIMQUYcgk][w-z0-5]){5}(?:O[CS]|[MN][CSiy])(?:4[w-z0-5]|5[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){2}(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))L(?:T(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|W(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])t(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){3}(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])$"
+    )]
     cursor: Option<String>,
 }
 
@@ -288,6 +360,9 @@ async fn list_my_orders(
     // One extra row tells whether a next page exists.
     let mut orders =
         db::list_orders(&state.db, user.user_id, query.status, cursor, limit + 1).await?;
+    if orders.is_empty() {
+        ensure_user_exists(&state, user).await?;
+    }
     let next = if orders.len() as i64 > limit {
         orders.truncate(limit as usize);
         orders.last().map(OrderCursor::from)
@@ -332,10 +407,13 @@ async fn get_order(
     user: AuthUser,
     OrderPath(id): OrderPath,
 ) -> ApiResult<JsonResponse<OrderResponse>> {
-    let order = db::find_order(&state.db, user.user_id, id)
-        .await?
-        .ok_or(ApiError::NotFound("Order not found"))?;
-    Ok(JsonResponse(order.into()))
+    match db::find_order(&state.db, user.user_id, id).await? {
+        Some(order) => Ok(JsonResponse(order.into())),
+        None => {
+            ensure_user_exists(&state, user).await?;
+            Err(ApiError::NotFound("Order not found"))
+        }
+    }
 }
 
 /// Cancels one of my orders while it is still PENDING.
@@ -360,7 +438,10 @@ async fn cancel_order(
             tracing::info!(order_id = %order.id, "order cancelled");
             Ok(JsonResponse(order.into()))
         }
-        Err(CancelError::NotFound) => Err(ApiError::NotFound("Order not found")),
+        Err(CancelError::NotFound) => {
+            ensure_user_exists(&state, user).await?;
+            Err(ApiError::NotFound("Order not found"))
+        }
         Err(CancelError::NotPending) => {
             Err(ApiError::Conflict("Only pending orders can be cancelled"))
         }

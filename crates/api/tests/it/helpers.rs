@@ -10,9 +10,14 @@ use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// The secret the test apps sign their JWTs with, so that a test can sign tokens of its own.
+pub const JWT_SECRET: &str = "a test secret that is long enough for HS256!";
+
 /// A running api on a random port with its own queue.
 pub struct TestApp {
     pub base: String,
+    /// Where `/metrics` is served (its own listener, as METRICS_ADDR sets it).
+    pub metrics_base: Option<String>,
     pub client: Client,
     pub db: PgPool,
     pub queue_name: String,
@@ -25,12 +30,9 @@ pub fn redis_url() -> String {
 
 /// A configuration for tests: port 0, no rate limits, a unique queue.
 pub fn test_config() -> Config {
-    let mut config = Config::parse_from([
-        "api",
-        "--jwt-secret",
-        "a test secret that is long enough for HS256!",
-    ]);
+    let mut config = Config::parse_from(["api", "--jwt-secret", JWT_SECRET]);
     config.bind_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.metrics_addr = "127.0.0.1:0".into();
     config.rate_limits = RateLimits::off();
     config.queue.queue_name = format!("test-{}", Uuid::now_v7());
     config.queue.redis_url = redis_url();
@@ -52,9 +54,11 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
+        let metrics_base = app.metrics_addr().map(|addr| format!("http://{addr}"));
         tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
         Self {
             base: format!("http://{addr}"),
+            metrics_base,
             client: Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
@@ -140,11 +144,12 @@ impl TestApp {
             .expect("request")
     }
 
-    /// The text of `GET /metrics`.
+    /// The text of `GET /metrics`, from the metrics listener.
     pub async fn metrics(&self) -> String {
+        let base = self.metrics_base.as_deref().expect("metrics are served");
         let response = self
             .client
-            .get(self.url("/metrics"))
+            .get(format!("{base}/metrics"))
             .send()
             .await
             .expect("request");
@@ -225,4 +230,16 @@ pub async fn assert_422_at(response: Response, loc: Value) {
             .any(|e| e["loc"] == loc && e["msg"].is_string() && e["type"].is_string()),
         "no error at {loc}: {body}"
     );
+}
+
+/// The URL of the test's own database, for a spawned process or a configuration.
+pub fn database_url_of(db: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for #[sqlx::test]");
+    let name = db
+        .connect_options()
+        .get_database()
+        .expect("database name")
+        .to_owned();
+    let (server, _) = base.rsplit_once('/').expect("URL has a path");
+    format!("{server}/{name}")
 }

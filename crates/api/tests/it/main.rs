@@ -6,6 +6,7 @@
 
 mod auth;
 mod backlog;
+mod hardening;
 mod helpers;
 mod observability;
 mod openapi;

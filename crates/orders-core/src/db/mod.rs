@@ -1,12 +1,13 @@
 //! Database access: free functions over `impl PgExecutor<'_>`, so each works on a pool or inside a
 //! transaction. Queries are compile-checked against the schema (`.sqlx/` holds the offline cache).
 
+pub mod login_attempts;
 pub mod orders;
 mod pool;
 pub mod sessions;
 pub mod users;
 
-pub use pool::{connect, connect_lazy, ensure_database, pool_options};
+pub use pool::{connect, connect_lazy, ensure_database, migrate, pool_options};
 
 /// Whether `err` is a violation of the named constraint (how unique conflicts become client errors).
 pub fn is_constraint_violation(err: &sqlx::Error, constraint: &str) -> bool {

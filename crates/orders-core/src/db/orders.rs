@@ -17,6 +17,9 @@ pub struct NewOrder<'a> {
     pub amount: Amount,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency_key: Option<&'a IdempotencyKey>,
+    /// Whether its job is pushed right after the insert: `enqueued_at` is then set by the insert itself (one
+    /// commit per create), and cleared with [`clear_enqueued`] only if the push fails.
+    pub enqueued: bool,
 }
 
 /// Inserts a `PENDING` order. Returns `None` when this user already has an order with the same idempotency
@@ -28,8 +31,8 @@ pub async fn insert_order(
     sqlx::query_as!(
         Order,
         r#"
-        insert into orders (id, user_id, product_name, amount, idempotency_key)
-        values ($1, $2, $3, $4, $5)
+        insert into orders (id, user_id, product_name, amount, idempotency_key, enqueued_at)
+        values ($1, $2, $3, $4, $5, case when $6 then now() end)
         on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
         returning id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
                   status as "status: OrderStatus", created_at, updated_at
@@ -39,6 +42,7 @@ pub async fn insert_order(
         new.product_name.as_str(),
         new.amount.value(),
         new.idempotency_key.map(IdempotencyKey::as_str),
+        new.enqueued,
     )
     .fetch_optional(executor)
     .await
@@ -184,17 +188,6 @@ pub async fn cancel_order(
     }
 }
 
-/// Records that a job for this order was just pushed, so the reconciler leaves it alone for a while.
-pub async fn mark_enqueued(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Result<()> {
-    sqlx::query!(
-        "update orders set enqueued_at = now() where id = $1",
-        id as OrderId
-    )
-    .execute(executor)
-    .await?;
-    Ok(())
-}
-
 /// Compares a stored order with a repeated request: same product and same amount.
 pub fn same_request(order: &Order, product_name: &ProductName, amount: Amount) -> bool {
     order.product_name == product_name.as_str()
@@ -214,11 +207,15 @@ pub struct Claim {
 /// worker died). Returns `None` when the order is in any other state, or held by a live lease: cancelled,
 /// done, or someone else's. The row lock makes concurrent claims of one order serialize; the loser sees the
 /// winner's lease and gets `None`.
+///
+/// Each claim counts one attempt. An order that has had `max_attempts` already, or is parked, is not claimed:
+/// see [`park_exhausted`].
 pub async fn claim_for_processing(
     executor: impl PgExecutor<'_>,
     id: OrderId,
     token: &str,
     lease: std::time::Duration,
+    max_attempts: i32,
 ) -> sqlx::Result<Option<Claim>> {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let previous = sqlx::query_scalar!(
@@ -228,10 +225,12 @@ pub async fn claim_for_processing(
         ), claimed as (
             update orders o
             set status = 'PROCESSING', locked_by = $2,
-                lease_until = now() + make_interval(secs => $3::bigint / 1000.0), updated_at = now()
+                lease_until = now() + make_interval(secs => $3::bigint / 1000.0), updated_at = now(),
+                attempts = o.attempts + 1
             from current c
             where o.id = c.id
               and (c.status = 'PENDING' or (c.status = 'PROCESSING' and o.lease_until < now()))
+              and o.parked_at is null and o.attempts < $4
             returning o.id, c.status as previous
         ), logged as (
             insert into order_status_history (order_id, status, changed_by)
@@ -242,6 +241,7 @@ pub async fn claim_for_processing(
         id as OrderId,
         token,
         lease_ms,
+        max_attempts,
     )
     .fetch_optional(executor)
     .await?;
@@ -306,6 +306,123 @@ pub async fn is_leased(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Resu
     .await
 }
 
+/// Records a failed attempt at an order (an error or a panic of its job, before or after the claim) and parks it
+/// once it has had `max_attempts`. `counts` is false when the attempt was already counted by its claim. Returns
+/// whether the order is parked now.
+pub async fn record_failure(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+    error: &str,
+    counts: bool,
+    max_attempts: i32,
+) -> sqlx::Result<bool> {
+    let parked = sqlx::query_scalar!(
+        r#"
+        update orders
+        set attempts = attempts + $3::int, last_error = left($2, 1000),
+            parked_at = case when attempts + $3::int >= $4 then coalesce(parked_at, now()) end
+        where id = $1 and status in ('PENDING', 'PROCESSING')
+        returning parked_at is not null as "parked!"
+        "#,
+        id as OrderId,
+        error,
+        i32::from(counts),
+        max_attempts,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(parked.unwrap_or(false))
+}
+
+/// Parks an unfinished order that has had `max_attempts` (its claims keep dying with their workers): the
+/// reconciler stops pushing it. Returns whether this call parked it.
+pub async fn park_exhausted(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+    max_attempts: i32,
+) -> sqlx::Result<bool> {
+    let parked = sqlx::query_scalar!(
+        r#"
+        update orders
+        set parked_at = now(), last_error = coalesce(last_error, 'attempts exhausted: every claim was lost')
+        where id = $1 and parked_at is null and attempts >= $2
+          and (status = 'PENDING' or (status = 'PROCESSING' and lease_until < now()))
+        returning id as "id: OrderId"
+        "#,
+        id as OrderId,
+        max_attempts,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(parked.is_some())
+}
+
+/// A parked order, as `worker requeue` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// The order.
+    pub id: OrderId,
+    /// Its status (`PENDING`, or `PROCESSING` with an expired lease).
+    pub status: OrderStatus,
+    /// Attempts it had before this re-drive.
+    pub attempts: i32,
+    /// Why its last attempt failed, if one did.
+    pub last_error: Option<String>,
+}
+
+/// Re-drives orders by id: unparks them, resets their attempts and marks them not enqueued, so that the
+/// reconciler pushes them in its next round. Finished orders and orders held by a live lease are left alone.
+pub async fn requeue(
+    executor: impl PgExecutor<'_>,
+    ids: &[OrderId],
+) -> sqlx::Result<Vec<Requeued>> {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+    sqlx::query_as!(
+        Requeued,
+        r#"
+        update orders o
+        set attempts = 0, parked_at = null, last_error = null, enqueued_at = null
+        from (select id, attempts, last_error from orders where id = any($1) for update) before
+        where o.id = before.id
+          and (o.status = 'PENDING' or (o.status = 'PROCESSING' and o.lease_until < now()))
+        returning o.id as "id: OrderId", o.status as "status: OrderStatus", before.attempts,
+                  before.last_error
+        "#,
+        &ids[..],
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// The orders `worker requeue --stuck` re-drives, at most `limit` of them: every parked order, every `PENDING`
+/// order whose job was pushed longer than `overdue` ago (or never), and every `PROCESSING` order whose lease
+/// expired.
+pub async fn stuck_orders(
+    executor: impl PgExecutor<'_>,
+    overdue: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<OrderId>> {
+    let overdue_ms = i64::try_from(overdue.as_millis()).unwrap_or(i64::MAX);
+    sqlx::query_scalar!(
+        r#"
+        (select id as "id!: OrderId" from orders where parked_at is not null
+           and status in ('PENDING', 'PROCESSING') order by parked_at limit $2)
+        union all
+        (select id from orders where status = 'PENDING' and parked_at is null
+           and (enqueued_at is null or enqueued_at < now() - make_interval(secs => $1::bigint / 1000.0))
+         order by created_at limit $2)
+        union all
+        (select id from orders where status = 'PROCESSING' and lease_until < now() and parked_at is null
+         order by lease_until limit $2)
+        limit $2
+        "#,
+        overdue_ms,
+        limit,
+    )
+    .fetch_all(executor)
+    .await
+}
+
 /// An order the reconciler just marked as enqueued, to be pushed now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DueOrder {
@@ -336,7 +453,7 @@ pub async fn take_due_for_enqueue(
         r#"
         with pending as (
             select id, created_at from orders
-            where status = 'PENDING'
+            where status = 'PENDING' and parked_at is null
               and (enqueued_at is null
                    or enqueued_at < now() - make_interval(secs => $1::bigint / 1000.0))
             order by created_at, id
@@ -344,7 +461,7 @@ pub async fn take_due_for_enqueue(
             for update skip locked
         ), abandoned as (
             select id, created_at from orders
-            where status = 'PROCESSING' and lease_until < now()
+            where status = 'PROCESSING' and lease_until < now() and parked_at is null
               and (enqueued_at is null or enqueued_at < lease_until
                    or enqueued_at < now() - make_interval(secs => $1::bigint / 1000.0))
             order by lease_until

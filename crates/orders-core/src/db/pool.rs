@@ -2,7 +2,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use sqlx::{
-    PgPool, Postgres,
+    Connection, PgConnection, PgPool, Postgres,
     migrate::MigrateDatabase,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
@@ -44,18 +44,35 @@ pub async fn ensure_database(config: &DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the database if missing, connects, and applies pending migrations.
+/// Connects; with `MIGRATE_ON_START` (the default), first creates the database if missing and applies pending
+/// migrations.
 pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
-    ensure_database(config).await?;
-    let pool = pool_options(config)
+    if config.migrate_on_start {
+        migrate(config).await?;
+    }
+    pool_options(config)
         .connect_with(connect_options(config)?)
+        .await
+        .context("cannot connect to PostgreSQL (check DATABASE_URL)")
+}
+
+/// Creates the database if missing and applies pending migrations, on a connection of its own without the
+/// statement timeout: a migration may rightly run longer than any request, and so may the wait for sqlx's
+/// migration lock while another process migrates (replicas starting together).
+pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
+    ensure_database(config).await?;
+    let options = PgConnectOptions::from_str(&config.database_url)
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+        .options([("statement_timeout", "0")]);
+    let mut conn = PgConnection::connect_with(&options)
         .await
         .context("cannot connect to PostgreSQL (check DATABASE_URL)")?;
     crate::MIGRATOR
-        .run(&pool)
+        .run(&mut conn)
         .await
         .context("cannot apply the database migrations")?;
-    Ok(pool)
+    conn.close().await.ok();
+    Ok(())
 }
 
 /// A pool that connects on first use; for tools and tests that must start while PostgreSQL is down.

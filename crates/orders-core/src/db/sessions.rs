@@ -21,8 +21,10 @@ pub struct NewRefreshToken<'a> {
     pub user_id: UserId,
     /// SHA-256 of the token.
     pub token_hash: &'a [u8],
-    /// When it stops being accepted.
+    /// When it stops being accepted (never after its session ends).
     pub expires_at: DateTime<Utc>,
+    /// When its session ends, whatever happens: `SESSION_MAX_DAYS` after the login.
+    pub session_expires_at: DateTime<Utc>,
 }
 
 /// Stores a newly issued refresh token.
@@ -32,14 +34,15 @@ pub async fn insert_refresh_token(
 ) -> sqlx::Result<()> {
     sqlx::query!(
         r#"
-        insert into refresh_tokens (id, family_id, user_id, token_hash, expires_at)
-        values ($1, $2, $3, $4, $5)
+        insert into refresh_tokens (id, family_id, user_id, token_hash, expires_at, session_expires_at)
+        values ($1, $2, $3, $4, $5, $6)
         "#,
         token.id,
         token.family_id,
         token.user_id as UserId,
         token.token_hash,
         token.expires_at,
+        token.session_expires_at,
     )
     .execute(executor)
     .await?;
@@ -55,13 +58,15 @@ pub enum Redeemed {
         family_id: Uuid,
         /// Its owner.
         user_id: UserId,
+        /// When the session ends: the next token expires no later.
+        session_expires_at: DateTime<Utc>,
     },
     /// The token was already used: someone replays it. Revoke the family.
     Reused {
         /// The session to revoke.
         family_id: Uuid,
     },
-    /// Unknown, expired or revoked.
+    /// Unknown, expired (its own expiry or its session's) or revoked.
     Dead,
 }
 
@@ -75,7 +80,7 @@ pub async fn redeem_refresh_token(
         r#"
         update refresh_tokens set used_at = now()
         where token_hash = $1 and used_at is null and revoked_at is null and expires_at > now()
-        returning family_id, user_id as "user_id: UserId"
+        returning family_id, user_id as "user_id: UserId", session_expires_at
         "#,
         token_hash,
     )
@@ -85,6 +90,7 @@ pub async fn redeem_refresh_token(
         return Ok(Redeemed::Live {
             family_id: row.family_id,
             user_id: row.user_id,
+            session_expires_at: row.session_expires_at,
         });
     }
     let known = sqlx::query!(
@@ -134,4 +140,27 @@ pub async fn revoke_session_of(
     .fetch_one(executor)
     .await?;
     Ok(found)
+}
+
+/// Deletes up to `batch` expired tokens and up to `batch` revoked ones, and returns how many went. Neither kind
+/// can ever be accepted again, and a revoked or expired token presented later is refused the same way whether its
+/// row exists or not. Concurrent purges (one per api process) skip each other's rows.
+pub async fn purge_dead_tokens(executor: impl PgExecutor<'_>, batch: i64) -> sqlx::Result<u64> {
+    let deleted = sqlx::query!(
+        r#"
+        with expired as (
+            select id from refresh_tokens where expires_at < now()
+            order by expires_at limit $1 for update skip locked
+        ), revoked as (
+            select id from refresh_tokens where revoked_at is not null
+            order by revoked_at limit $1 for update skip locked
+        )
+        delete from refresh_tokens
+        where id in (select id from expired union select id from revoked)
+        "#,
+        batch,
+    )
+    .execute(executor)
+    .await?;
+    Ok(deleted.rows_affected())
 }

@@ -1,5 +1,3 @@
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -108,31 +106,116 @@ impl Amount {
         Ok(Self(value.normalize()))
     }
 
-    /// Parses a number as it arrived in JSON (a double). JSON parsers hand us the nearest double to the literal;
-    /// its shortest round-trip text is the literal itself for every amount with at most 2 decimal places and
-    /// at most 12 significant digits, so `1.005` is seen as three decimal places, not as `1.00499999…`.
-    pub fn parse_f64(value: f64) -> Result<Self, Invalid> {
-        if !value.is_finite() {
+    /// Parses the text of a JSON number exactly as the client wrote it (`19.99`, `1999e-2`, `20.000`), with no
+    /// detour through a double: `19.999999999999999999` has 18 decimal places and is refused, whereas a double
+    /// would have rounded it to 20. Checks, in order: more than 0, at most 1,000,000,000, at most 2 decimal
+    /// places (trailing zeros do not count).
+    pub fn parse_json_number(text: &str) -> Result<Self, Invalid> {
+        let number = JsonNumber::parse(text)
+            .ok_or_else(|| Invalid::new("float_type", "Input should be a valid number"))?;
+        let Some(digits) = number.significant() else {
             return Err(Invalid::new(
-                "finite_number",
-                "Input should be a finite number",
+                "greater_than",
+                "Input should be greater than 0",
+            ));
+        };
+        if number.negative {
+            return Err(Invalid::new(
+                "greater_than",
+                "Input should be greater than 0",
             ));
         }
-        if value > 1e10 {
+        // The value is `digits × 10^exponent`, with no trailing zero in `digits`.
+        let exponent = number.exponent(&digits);
+        let magnitude = i128::try_from(digits.len())
+            .unwrap_or(i128::MAX)
+            .saturating_add(exponent);
+        if magnitude > 10 {
+            // At least 10^10.
             return Self::parse(Self::MAX + Decimal::ONE);
         }
-        if value < -1e10 {
-            return Self::parse(Decimal::NEGATIVE_ONE);
+        if exponent < -2 {
+            return Err(Invalid::new(
+                "decimal_max_places",
+                "Decimal input should have no more than 2 decimal places",
+            ));
         }
-        let decimal = Decimal::from_str(&value.to_string())
-            .or_else(|_| Decimal::from_scientific(&format!("{value:e}")))
+        // At most 12 digits from here on: exact in a Decimal.
+        let scale = u32::try_from(-exponent.min(0)).unwrap_or(0);
+        let mut mantissa: i64 = digits
+            .parse()
             .map_err(|_| Invalid::new("decimal_parsing", "Input should be a valid decimal"))?;
-        Self::parse(decimal)
+        for _ in 0..exponent.max(0) {
+            mantissa *= 10;
+        }
+        Self::parse(Decimal::new(mantissa, scale))
     }
 
     /// The exact value.
     pub fn value(self) -> Decimal {
         self.0
+    }
+}
+
+/// The parts of a JSON number's text (RFC 8259 §6: `-? int frac? exp?`).
+struct JsonNumber<'a> {
+    negative: bool,
+    int: &'a str,
+    frac: &'a str,
+    exp: &'a str,
+}
+
+impl<'a> JsonNumber<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exp) = match rest.find(['e', 'E']) {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, "0"),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let exp_digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+        let well_formed = digits(int)
+            && (int == "0" || !int.starts_with('0'))
+            && (frac.is_empty() || digits(frac))
+            && !mantissa.ends_with('.')
+            && digits(exp_digits);
+        well_formed.then_some(Self {
+            negative,
+            int,
+            frac,
+            exp,
+        })
+    }
+
+    /// The digits of `int` and `frac` without leading or trailing zeros; `None` for zero.
+    fn significant(&self) -> Option<String> {
+        let all = format!("{}{}", self.int, self.frac);
+        let trimmed = all.trim_start_matches('0').trim_end_matches('0');
+        (!trimmed.is_empty()).then(|| trimmed.to_owned())
+    }
+
+    /// The power of ten that `significant` digits are multiplied by.
+    fn exponent(&self, significant: &str) -> i128 {
+        let all_len = self.int.len() + self.frac.len();
+        let leading = format!("{}{}", self.int, self.frac)
+            .bytes()
+            .take_while(|b| *b == b'0')
+            .count();
+        let trailing = all_len - leading - significant.len();
+        // An exponent too long for i128 is far past any bound: saturate.
+        let exp: i128 = self.exp.parse().unwrap_or_else(|_| {
+            if self.exp.starts_with('-') {
+                i128::MIN / 2
+            } else {
+                i128::MAX / 2
+            }
+        });
+        exp - i128::try_from(self.frac.len()).unwrap_or(0) + i128::try_from(trailing).unwrap_or(0)
     }
 }
 
@@ -187,41 +270,73 @@ pub struct Order {
 mod tests {
     use super::*;
 
-    #[test]
-    fn amounts_keep_two_decimal_places_exactly() {
-        assert_eq!(Amount::parse_f64(12.5).unwrap().value().to_string(), "12.5");
-        assert_eq!(Amount::parse_f64(0.01).unwrap().value().to_string(), "0.01");
-        assert_eq!(Amount::parse_f64(1e9).unwrap().value(), Amount::MAX);
-        assert_eq!(
-            Amount::parse_f64(999_999_999.99)
-                .unwrap()
-                .value()
-                .to_string(),
-            "999999999.99"
-        );
+    fn amount(text: &str) -> Result<String, &'static str> {
+        Amount::parse_json_number(text)
+            .map(|a| a.value().to_string())
+            .map_err(|e| e.kind)
     }
 
     #[test]
-    fn out_of_range_or_too_precise_amounts_are_refused() {
-        assert_eq!(Amount::parse_f64(0.0).unwrap_err().kind, "greater_than");
-        assert_eq!(Amount::parse_f64(-1.0).unwrap_err().kind, "greater_than");
-        assert_eq!(
-            Amount::parse_f64(1.005).unwrap_err().kind,
-            "decimal_max_places"
-        );
-        assert_eq!(
-            Amount::parse_f64(0.001).unwrap_err().kind,
-            "decimal_max_places"
-        );
-        assert_eq!(
-            Amount::parse_f64(1e9 + 0.01).unwrap_err().kind,
-            "less_than_equal"
-        );
-        assert_eq!(
-            Amount::parse_f64(1e300).unwrap_err().kind,
-            "less_than_equal"
-        );
-        assert!(Amount::parse_f64(1e-300).is_err());
+    fn amounts_are_read_exactly_as_written() {
+        assert_eq!(amount("12.5"), Ok("12.5".into()));
+        assert_eq!(amount("0.01"), Ok("0.01".into()));
+        assert_eq!(amount("19.990"), Ok("19.99".into()));
+        assert_eq!(amount("1999e-2"), Ok("19.99".into()));
+        assert_eq!(amount("1.5E+3"), Ok("1500".into()));
+        assert_eq!(amount("0.00100e3"), Ok("1".into()));
+        assert_eq!(amount("1000000000"), Ok("1000000000".into()));
+        assert_eq!(amount("1e9"), Ok("1000000000".into()));
+        assert_eq!(amount("999999999.99"), Ok("999999999.99".into()));
+        assert_eq!(amount("1000000000.000"), Ok("1000000000".into()));
+    }
+
+    #[test]
+    fn amounts_too_precise_for_a_double_are_still_refused() {
+        // A double rounds each of these to a value with 2 decimal places or fewer.
+        for text in [
+            "19.999999999999999999",
+            "20.000000000000000001",
+            "0.1000000000000000000000000000000000001",
+            "1.005",
+            "0.001",
+            "1e-3",
+            "123456789.001",
+        ] {
+            assert_eq!(amount(text), Err("decimal_max_places"), "{text}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_amounts_are_refused() {
+        for (text, kind) in [
+            ("0", "greater_than"),
+            ("0.000", "greater_than"),
+            ("-0", "greater_than"),
+            ("-1", "greater_than"),
+            ("-1e400", "greater_than"),
+            ("1000000000.01", "less_than_equal"),
+            ("1e10", "less_than_equal"),
+            ("1e400", "less_than_equal"),
+            (
+                "1e99999999999999999999999999999999999999999",
+                "less_than_equal",
+            ),
+            (
+                "1e-99999999999999999999999999999999999999999",
+                "decimal_max_places",
+            ),
+        ] {
+            assert_eq!(amount(text), Err(kind), "{text}");
+        }
+    }
+
+    #[test]
+    fn anything_but_a_json_number_is_a_type_error() {
+        for text in [
+            "\"1\"", "null", "true", "[1]", "{}", "01", "1.", ".5", "+1", "1e", "0x10", "NaN",
+        ] {
+            assert_eq!(amount(text), Err("float_type"), "{text}");
+        }
     }
 
     #[test]

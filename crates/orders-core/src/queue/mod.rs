@@ -207,35 +207,46 @@ impl OrderQueue {
         }
     }
 
-    /// Pushes the job of a just-created order if the queue has room and no older order is waiting for room;
-    /// otherwise leaves it to the reconciler. The room is read from Redis at most once per
-    /// [`ADMISSION_WINDOW`] or per [`ADMISSION_BUDGET`] pushes, not once per order. `timeout` bounds the whole.
+    /// Decides whether a new order's job goes to Redis now: yes while the queue has room and no older order
+    /// waits in PostgreSQL for room. The room is read from Redis at most once per [`ADMISSION_WINDOW`] or per
+    /// [`ADMISSION_BUDGET`] admissions, not once per order. `timeout` bounds the reading.
+    pub async fn admit(&self, timeout: Duration) -> Result<Admission, EnqueueError> {
+        let admitted = match self.admissions.admit_from_last_reading() {
+            Some(admitted) => admitted,
+            None => {
+                let depth = self.depth(timeout).await?;
+                self.admissions.admit_from(depth, self.max_jobs)
+            }
+        };
+        Ok(if admitted {
+            Admission::Pushed
+        } else {
+            Admission::Deferred
+        })
+    }
+
+    /// Pushes one order's job, within `timeout`.
+    pub async fn push(&self, order_id: OrderId, timeout: Duration) -> Result<(), EnqueueError> {
+        let mut storage = self.storage.clone();
+        match tokio::time::timeout(timeout, storage.push(ProcessOrder { order_id })).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(EnqueueError::Push(err.to_string())),
+            Err(_) => Err(EnqueueError::Timeout(timeout)),
+        }
+    }
+
+    /// [`admit`](Self::admit), then [`push`](Self::push) if admitted: what the api does around a create,
+    /// without the database in between. `timeout` bounds each step.
     pub async fn push_new_order(
         &self,
         order_id: OrderId,
         timeout: Duration,
     ) -> Result<Admission, EnqueueError> {
-        let admit = async {
-            let admitted = match self.admissions.admit_from_last_reading() {
-                Some(admitted) => admitted,
-                None => {
-                    let depth = self.depth(timeout).await?;
-                    self.admissions.admit_from(depth, self.max_jobs)
-                }
-            };
-            if !admitted {
-                return Ok(Admission::Deferred);
-            }
-            self.storage
-                .clone()
-                .push(ProcessOrder { order_id })
-                .await
-                .map_err(|err| EnqueueError::Push(err.to_string()))?;
-            Ok(Admission::Pushed)
-        };
-        tokio::time::timeout(timeout, admit)
-            .await
-            .unwrap_or(Err(EnqueueError::Timeout(timeout)))
+        let admission = self.admit(timeout).await?;
+        if admission == Admission::Pushed {
+            self.push(order_id, timeout).await?;
+        }
+        Ok(admission)
     }
 
     /// Pushes one job per order, all in one round trip, whatever the queue holds (the caller keeps the

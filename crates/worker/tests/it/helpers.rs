@@ -164,6 +164,7 @@ pub async fn new_orders(db: &PgPool, n: usize) -> Vec<OrderId> {
                 product_name: &name,
                 amount,
                 idempotency_key: None,
+                enqueued: false,
             },
         )
         .await
@@ -193,7 +194,11 @@ pub async fn push_like_the_api(
 ) -> Result<Admission, EnqueueError> {
     let admission = queue.push_new_order(id, Duration::from_millis(500)).await?;
     if admission == Admission::Pushed {
-        db::mark_enqueued(db, id).await.unwrap();
+        sqlx::query("update orders set enqueued_at = now() where id = $1")
+            .bind(id.0)
+            .execute(db)
+            .await
+            .unwrap();
     }
     Ok(admission)
 }

@@ -7,5 +7,6 @@
 mod end_to_end;
 mod handler;
 mod helpers;
+mod parking;
 mod processes;
 mod queue_at_scale;
