@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 /// The orders HTTP API: accounts, JWT sessions and orders, backed by PostgreSQL and a Redis job queue.
 #[derive(Clone, Parser)]
-#[command(name = "api", version, about, long_about = None, subcommand_negates_reqs = true)]
+#[command(name = "api", version, about, long_about = None)]
 pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -32,8 +32,8 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
     pub metrics_addr: String,
 
-    /// Secret that signs the JWTs; at least 32 bytes. Required.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret, required = true)]
+    /// Secret that signs the JWTs; at least 32 bytes. Required to serve (not for `api migrate`).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub jwt_secret: Option<SecretString>,
 
     /// JWT signing algorithm: HS256, HS384 or HS512.

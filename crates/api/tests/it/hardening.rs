@@ -515,3 +515,20 @@ async fn api_migrate_migrates_and_exits_without_a_jwt_secret(pool: PgPool) {
     );
     assert_eq!(applied, orders_core::MIGRATOR.iter().count() as i64);
 }
+
+#[test]
+fn a_missing_jwt_secret_is_named_with_where_to_put_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("JWT_SECRET is not set") && stderr.contains(".env"),
+        "{stderr}"
+    );
+}
