@@ -13,14 +13,17 @@ async fn main() -> ExitCode {
     }
     let config = Config::parse();
     if let Some(Command::Migrate) = config.command {
-        orders_core::telemetry::init(config.log.log_format);
+        orders_core::telemetry::init(&config.log);
         return match orders_core::db::migrate(&config.database).await {
             Ok(()) => {
                 tracing::info!("migrations applied");
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                tracing::error!("cannot migrate: {err:#}");
+                tracing::error!(
+                    "cannot migrate: {}",
+                    orders_core::telemetry::error_chain(&err)
+                );
                 ExitCode::FAILURE
             }
         };
@@ -29,11 +32,14 @@ async fn main() -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    orders_core::telemetry::init(config.log.log_format);
+    orders_core::telemetry::init(&config.log);
     let app = match App::build(config).await {
         Ok(app) => app,
         Err(err) => {
-            tracing::error!("cannot start: {err:#}");
+            tracing::error!(
+                "cannot start: {}",
+                orders_core::telemetry::error_chain(&err)
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -46,7 +52,10 @@ async fn main() -> ExitCode {
     match app.run_until_stopped(stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("stopped with an error: {err:#}");
+            tracing::error!(
+                "stopped with an error: {}",
+                orders_core::telemetry::error_chain(&err)
+            );
             ExitCode::FAILURE
         }
     }

@@ -91,6 +91,7 @@ impl App {
             enqueue_timeout: config.enqueue_timeout(),
             session_max: config.session_max(),
             login_max_failures: config.login_max_failures,
+            readiness: Arc::default(),
         };
         let router = router(state, &config);
         let listener = TcpListener::bind(config.bind_addr).await.with_context(|| {
@@ -188,7 +189,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .layer(middleware::from_fn(crate::metrics::track))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        // A failed response is logged where its cause is known (`ApiError`), once; the trace layer's own line for
+        // every 5xx (at ERROR, readiness probes included) would repeat it.
+        .layer(TraceLayer::new_for_http().on_failure(()).make_span_with(|req: &Request| {
             let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
         }))

@@ -155,12 +155,20 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logging settings. The filter itself comes from `RUST_LOG` (default `info`).
+/// What is logged when `RUST_LOG` does not say: info, without PostgreSQL's notices ("relation already exists,
+/// skipping" on every start) and without apalis's own lines, which repeat what the worker logs once per failure.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn,apalis_core=off";
+
+/// Logging settings.
 #[derive(Debug, Clone, Args)]
 pub struct LogConfig {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// What is logged, in `tracing` filter syntax (e.g. `info,worker=debug`).
+    #[arg(long = "log", env = "RUST_LOG", default_value = DEFAULT_LOG_FILTER)]
+    pub rust_log: String,
 }
 
 #[cfg(test)]

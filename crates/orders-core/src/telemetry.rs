@@ -2,16 +2,17 @@
 
 use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
-use crate::config::LogFormat;
+use crate::config::{DEFAULT_LOG_FILTER, LogConfig, LogFormat};
 
 /// Installs the global subscriber. Call once, first thing in `main`; later calls are ignored.
-pub fn init(format: LogFormat) {
-    // PostgreSQL's notices (e.g. "relation already exists, skipping" on every start) are not news.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+pub fn init(config: &LogConfig) {
+    let (filter, bad_filter) = match EnvFilter::try_new(&config.rust_log) {
+        Ok(filter) => (filter, None),
+        Err(err) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(err)),
+    };
     let registry = tracing_subscriber::registry().with(filter);
     // `try_init` fails only if a subscriber is already set (tests set one per binary): keep the first.
-    let _ = match format {
+    let _ = match config.log_format {
         LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
         LogFormat::Json => registry
             .with(
@@ -22,6 +23,9 @@ pub fn init(format: LogFormat) {
             )
             .try_init(),
     };
+    if let Some(err) = bad_filter {
+        tracing::warn!(filter = %config.rust_log, error = %err, "RUST_LOG is not a valid filter; using the default");
+    }
 }
 
 /// Latency buckets in seconds, from a cache hit to a slow job.
@@ -48,4 +52,36 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// An error with its causes, each said once. `{:#}` repeats a cause whose text its wrapper already includes:
+/// sqlx's "error communicating with database: Connection refused (os error 111)" has that same io error as its
+/// source.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_its_wrapper_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let err = anyhow::Error::new(sqlx::Error::Io(io)).context("cannot reach PostgreSQL");
+        assert_eq!(format!("{err:#}").matches("Connection refused").count(), 2);
+        assert_eq!(
+            super::error_chain(&err),
+            "cannot reach PostgreSQL: error communicating with database: Connection refused"
+        );
+    }
 }

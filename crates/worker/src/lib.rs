@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod janitor;
+pub mod outage;
 pub mod process_order;
 pub mod reconcile;
 pub mod requeue;
@@ -144,6 +145,10 @@ pub async fn run(
     // Longer than apalis's own orphan timeout (heartbeat × missed), so that its recovery goes first.
     let dead_after = settings.heartbeat() * (2 * MISSED_HEARTBEATS as u32);
     let mut janitor = Janitor::new(connection.clone(), push_queue.keys().clone(), dead_after);
+    let outage = outage::RedisOutage::default();
+    if !push_queue.ping(queue_config.redis_timeout()).await {
+        outage.failed("the first ping", &"no answer");
+    }
     let reconciler = Reconciler::new(
         name.clone(),
         db.clone(),
@@ -151,6 +156,7 @@ pub async fn run(
         janitor.clone(),
         &settings,
         queue_config.redis_timeout(),
+        outage.clone(),
     );
     let reconciling =
         tokio::spawn(reconciler.run(settings.reconcile_interval(), stop.child_token()));
@@ -205,21 +211,22 @@ pub async fn run(
                 tracing::info!(worker = %generation_name, returned, "unfinished jobs returned to the queue")
             }
             Err(err) => {
-                tracing::warn!(worker = %generation_name, error = %err, "cannot unregister; the janitor will")
+                tracing::debug!(worker = %generation_name, error = %err, "cannot unregister; the janitor will")
             }
         }
         let Some(result) = result else { break };
         if stop.is_cancelled() {
             break;
         }
-        match result {
-            Ok(()) => tracing::warn!("queue consumer stopped on its own; restarting it"),
-            Err(err) => {
-                tracing::warn!(error = %err, "queue consumer failed (Redis error?); restarting it")
-            }
-        }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_millis(250);
+        }
+        // One line per restart: apalis's own lines about the same failure are off in the default RUST_LOG.
+        match result {
+            Ok(()) => tracing::warn!(?backoff, "queue consumer stopped on its own; restarting it"),
+            Err(err) => {
+                tracing::warn!(error = %err, ?backoff, attempt = generation + 1, "queue consumer failed (is Redis up?); restarting it")
+            }
         }
         tokio::select! {
             () = stop.cancelled() => break,

@@ -19,11 +19,14 @@ async fn main() -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    orders_core::telemetry::init(config.log.log_format);
+    orders_core::telemetry::init(&config.log);
     let db = match orders_core::db::connect(&config.database).await {
         Ok(db) => db,
         Err(err) => {
-            tracing::error!("cannot start: {err:#}");
+            tracing::error!(
+                "cannot start: {}",
+                orders_core::telemetry::error_chain(&err)
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -38,7 +41,10 @@ async fn main() -> ExitCode {
         return match worker::requeue::run(&db, &ids, overdue, limit).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                tracing::error!("cannot requeue: {err:#}");
+                tracing::error!(
+                    "cannot requeue: {}",
+                    orders_core::telemetry::error_chain(&err)
+                );
                 ExitCode::FAILURE
             }
         };
@@ -48,7 +54,10 @@ async fn main() -> ExitCode {
         let queue = match orders_core::queue::order_queue(&config.queue) {
             Ok(queue) => queue,
             Err(err) => {
-                tracing::error!("cannot start: {err:#}");
+                tracing::error!(
+                    "cannot start: {}",
+                    orders_core::telemetry::error_chain(&err)
+                );
                 return ExitCode::FAILURE;
             }
         };
@@ -77,7 +86,10 @@ async fn main() -> ExitCode {
     match worker::run(config.worker, config.queue, db, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("worker failed: {err:#}");
+            tracing::error!(
+                "worker failed: {}",
+                orders_core::telemetry::error_chain(&err)
+            );
             ExitCode::FAILURE
         }
     }

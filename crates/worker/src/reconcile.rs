@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::outage::RedisOutage;
 use orders_core::{
     db::orders as db,
     domain::OrderId,
@@ -55,10 +56,12 @@ pub struct Reconciler {
     backlog: bool,
     /// How long the backlog flag lives unless a round renews it (so it dies with the last worker).
     backlog_ttl: Duration,
+    /// Logs a Redis outage once.
+    outage: RedisOutage,
 }
 
 impl Reconciler {
-    /// A reconciler over `db` pushing to `queue`.
+    /// A reconciler over `db` pushing to `queue`, reporting Redis failures through `outage`.
     pub fn new(
         name: String,
         db: PgPool,
@@ -66,9 +69,11 @@ impl Reconciler {
         janitor: Janitor,
         settings: &WorkerSettings,
         push_timeout: Duration,
+        outage: RedisOutage,
     ) -> Self {
         Self {
             name,
+            outage,
             db,
             queue,
             janitor,
@@ -82,8 +87,11 @@ impl Reconciler {
     /// A full round: sweeps Redis, then pushes every due order there is room for. Returns how many were pushed.
     async fn full_round(&mut self) -> anyhow::Result<usize> {
         match self.janitor.sweep().await {
-            Ok(sweep) => tracing::debug!(?sweep, "janitor: swept"),
-            Err(err) => tracing::warn!(error = %err, "janitor: sweep failed; retrying next round"),
+            Ok(sweep) => {
+                self.outage.succeeded();
+                tracing::debug!(?sweep, "janitor: swept");
+            }
+            Err(err) => self.outage.failed("the janitor's sweep", &err),
         }
         self.feed(1).await
     }
@@ -95,7 +103,7 @@ impl Reconciler {
             Ok(true) => {}
             Ok(false) => return Ok(0),
             Err(err) => {
-                tracing::warn!(error = %err, "reconciler: Redis unreachable, skipping this round");
+                self.outage.failed("the reconciler's feed lock", &err);
                 return Ok(0);
             }
         }
@@ -134,7 +142,7 @@ impl Reconciler {
         let depth = match self.queue.depth(self.push_timeout).await {
             Ok(depth) => depth,
             Err(err) => {
-                tracing::warn!(error = %err, "reconciler: Redis unreachable, skipping this round");
+                self.outage.failed("the reconciler's depth reading", &err);
                 return Ok(0);
             }
         };
@@ -222,8 +230,9 @@ impl Reconciler {
                 next_full = Instant::now() + interval;
                 self.full_round().await
             } else {
-                if let Err(err) = self.janitor.purge_finished().await {
-                    tracing::warn!(error = %err, "janitor: purge failed; retrying next round");
+                match self.janitor.purge_finished().await {
+                    Ok(_) => self.outage.succeeded(),
+                    Err(err) => self.outage.failed("the janitor's purge", &err),
                 }
                 if self.backlog {
                     self.feed(low_water).await

@@ -78,7 +78,15 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         .into_iter()
         .filter_map(|(ok, name)| (!ok).then_some(name))
         .collect();
+    // Probes come every few seconds: log a change of state, not every probe.
+    let state_now = u8::from(!postgres) | (u8::from(!redis) << 1);
+    let state_before = state
+        .readiness
+        .swap(state_now, std::sync::atomic::Ordering::Relaxed);
     if failed.is_empty() {
+        if state_before != 0 {
+            tracing::info!("ready again: PostgreSQL and Redis answer");
+        }
         (
             StatusCode::OK,
             Json(serde_json::json!(Ready {
@@ -89,7 +97,9 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         )
     } else {
         let detail = format!("Service unavailable: {} unreachable", failed.join(" and "));
-        tracing::warn!(%detail, "readiness check failed");
+        if state_before != state_now {
+            tracing::warn!(%detail, "not ready");
+        }
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(

@@ -1,9 +1,13 @@
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use reqwest::{StatusCode, header};
-use serde_json::json;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use uuid::Uuid;
 
-use crate::helpers::{PASSWORD, TestApp, json};
+use crate::helpers::{JWT_SECRET, PASSWORD, TestApp, json};
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn registering_returns_the_user_without_secrets(pool: PgPool) {
@@ -305,16 +309,264 @@ async fn logout_revokes_the_session_and_needs_an_access_token(pool: PgPool) {
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn refresh_tokens_are_stored_only_as_hashes(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let tokens = app.new_user().await;
-    let stored: Vec<Vec<u8>> = sqlx::query_scalar("select token_hash from refresh_tokens")
+    let login = app.new_user().await;
+    let refreshed = app.refresh(&login.refresh).await;
+    assert_eq!(refreshed.status(), StatusCode::OK);
+    let rotated = json(refreshed).await;
+    let refresh_tokens = [
+        login.refresh.as_str(),
+        rotated["refresh_token"].as_str().unwrap(),
+    ];
+
+    // Each refresh token issued (at login and at rotation) is stored as its SHA-256 and as nothing else: not
+    // the token, nor a part of it such as its 32-byte signature, which with the claims its row holds in clear
+    // (jti, user, expiry) would rebuild the token.
+    let mut stored: Vec<Vec<u8>> = sqlx::query_scalar("select token_hash from refresh_tokens")
         .fetch_all(&app.db)
         .await
         .unwrap();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].len(), 32);
+    let mut expected: Vec<Vec<u8>> = refresh_tokens
+        .iter()
+        .map(|token| Sha256::digest(token.as_bytes()).to_vec())
+        .collect();
+    stored.sort();
+    expected.sort();
+    assert_eq!(stored, expected);
+
+    // And no token, in any form, is anywhere in the database: every row of every table, as text (where a
+    // bytea shows as hex).
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select format('%I.%I', table_schema, table_name) from information_schema.tables
+         where table_schema not in ('pg_catalog', 'information_schema') and table_type = 'BASE TABLE'",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
     assert!(
-        !stored[0]
-            .windows(16)
-            .any(|w| tokens.refresh.as_bytes().windows(16).any(|t| t == w))
+        tables.iter().any(|t| t == "public.refresh_tokens"),
+        "{tables:?}"
     );
+    let mut dump = String::new();
+    for table in &tables {
+        let rows: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select string_agg(t::text, E'\\n') from {table} t"
+        )))
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        dump.push_str(&rows.unwrap_or_default());
+        dump.push('\n');
+    }
+    let tokens = [
+        ("the first access token", login.access.as_str()),
+        ("the first refresh token", refresh_tokens[0]),
+        (
+            "the second access token",
+            rotated["access_token"].as_str().unwrap(),
+        ),
+        ("the second refresh token", refresh_tokens[1]),
+    ];
+    for (what, token) in tokens {
+        let signature = token.rsplit('.').next().unwrap();
+        let signature_bytes = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        for (form, needle) in [
+            ("as text", token.to_owned()),
+            ("as bytes", hex(token.as_bytes())),
+            ("its signature", signature.to_owned()),
+            ("its signature's bytes", hex(&signature_bytes)),
+        ] {
+            assert!(
+                !dump.contains(&needle),
+                "{what} is in the database ({form})"
+            );
+        }
+    }
+}
+
+/// Lower-case hex, the way PostgreSQL prints a bytea.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Signs `claims` the way the test app signs its tokens (HS256, its secret), so that a token made here differs
+/// from one the app issued only in what the test chose.
+fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The claims the app puts in a `typ` token for `user`, expiring at `exp` (seconds since the epoch) and issued a
+/// minute before that or before now, whichever is first.
+fn claims(user: Uuid, typ: &str, exp: i64) -> Value {
+    json!({
+        "sub": user,
+        "iat": exp.min(Utc::now().timestamp()) - 60,
+        "exp": exp,
+        "jti": Uuid::now_v7(),
+        "typ": typ,
+        "iss": "orders-api",
+    })
+}
+
+async fn user_id(app: &TestApp, access_token: &str) -> Uuid {
+    let me = app.get(access_token, "/auth/me").await;
+    assert_eq!(me.status(), StatusCode::OK);
+    json(me).await["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// A 401 in the contract's shape: `WWW-Authenticate: Bearer` and `{"detail": "<message>"}`.
+async fn assert_401(response: reqwest::Response, what: &str) {
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+    assert_eq!(
+        response.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+        "Bearer",
+        "{what}"
+    );
+    let body = json(response).await;
+    assert!(
+        body.as_object().is_some_and(|o| o.len() == 1)
+            && body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{what}: {body}"
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn an_expired_access_token_is_refused_with_401(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = user_id(&app, &app.new_user().await.access).await;
+    let now = Utc::now().timestamp();
+    // A token made here is accepted while it is live: the refusals below are down to its expiry alone.
+    let live = sign(&claims(user, "access", now + 600));
+    assert_eq!(app.get(&live, "/auth/me").await.status(), StatusCode::OK);
+    assert_eq!(
+        app.get(&live, "/orders/my-orders").await.status(),
+        StatusCode::OK
+    );
+
+    // Expired an hour ago, and a few seconds ago: there is no grace period (the JWT library's default is 60 s,
+    // which would stretch every access token's life by a minute).
+    for (when, exp) in [("an hour ago", now - 3600), ("5 s ago", now - 5)] {
+        let expired = sign(&claims(user, "access", exp));
+        assert_401(
+            app.get(&expired, "/auth/me").await,
+            &format!("/auth/me, expired {when}"),
+        )
+        .await;
+        assert_401(
+            app.get(&expired, "/orders/my-orders").await,
+            &format!("/orders/my-orders, expired {when}"),
+        )
+        .await;
+        assert_401(
+            app.create_order(&expired, &json!({"product_name": "Widget", "amount": 1}))
+                .await,
+            &format!("/orders/create, expired {when}"),
+        )
+        .await;
+    }
+    assert_eq!(app.count("orders").await, 0);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn an_expired_refresh_token_is_refused_with_401(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let login = app.new_user().await;
+    let user = user_id(&app, &login.access).await;
+    let now = Utc::now().timestamp();
+    // A refresh token made here, stored as a sibling of the one the login issued: a copy of that token's row
+    // (same session, same user), with the new token's jti as its id, its hash, and an expiry that is the
+    // token's own `exp` unless the test says otherwise.
+    let store = async |exp: i64, stored_expiry: i64| {
+        let claims = claims(user, "refresh", exp);
+        let token = sign(&claims);
+        let changes = json!({
+            "id": claims["jti"],
+            "token_hash": format!("\\x{}", hex(&Sha256::digest(token.as_bytes()))),
+            "expires_at": DateTime::<Utc>::from_timestamp(stored_expiry, 0).unwrap(),
+        });
+        let inserted = sqlx::query(
+            "insert into refresh_tokens
+             select (jsonb_populate_record(t, $1)).* from refresh_tokens t where t.token_hash = $2",
+        )
+        .bind(changes)
+        .bind(Sha256::digest(login.refresh.as_bytes()).to_vec())
+        .execute(&app.db)
+        .await
+        .unwrap();
+        assert_eq!(inserted.rows_affected(), 1);
+        token
+    };
+    let live = store(now + 3600, now + 3600).await;
+    let expired = store(now - 5, now - 5).await;
+    let expired_but_stored_as_live = store(now - 5, now + 3600).await;
+    let live_but_stored_as_expired = store(now + 3600, now - 5).await;
+
+    // The control: such a token is good while it is live.
+    let response = app.refresh(&live).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(json(response).await["access_token"].is_string());
+
+    for (what, token) in [
+        ("a refresh token expired 5 s ago", &expired),
+        (
+            "an expired refresh token whose row is still live",
+            &expired_but_stored_as_live,
+        ),
+        (
+            "a refresh token whose row has expired",
+            &live_but_stored_as_expired,
+        ),
+    ] {
+        assert_401(app.refresh(token).await, what).await;
+    }
+    // Of the tokens made here, only the live one was exchanged.
+    let used: i64 =
+        sqlx::query_scalar("select count(*) from refresh_tokens where used_at is not null")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(used, 1);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_access_token_of_a_deleted_user_is_refused_with_401(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let tokens = app.new_user().await;
+    let order = app.create_widget(&tokens.access).await;
+    let user = user_id(&app, &tokens.access).await;
+
+    // The user's sessions and orders go with the row (on delete cascade); the access token stays a valid JWT.
+    sqlx::query("delete from users where id = $1")
+        .bind(user)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(app.count("orders").await, 0);
+    assert_eq!(app.count("refresh_tokens").await, 0);
+
+    let token = tokens.access.as_str();
+    assert_401(app.get(token, "/auth/me").await, "/auth/me").await;
+    assert_401(
+        app.get(token, "/orders/my-orders").await,
+        "/orders/my-orders",
+    )
+    .await;
+    assert_401(
+        app.get(token, &format!("/orders/{order}")).await,
+        "/orders/{id}",
+    )
+    .await;
+    assert_401(app.cancel(token, &order).await, "/orders/{id}/cancel").await;
+    assert_401(
+        app.create_order(token, &json!({"product_name": "Widget", "amount": 1}))
+            .await,
+        "/orders/create",
+    )
+    .await;
+    assert_401(app.refresh(&tokens.refresh).await, "/auth/refresh").await;
+    assert_eq!(app.count("orders").await, 0);
 }

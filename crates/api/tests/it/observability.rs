@@ -1,13 +1,15 @@
 //! What ops see: Prometheus metrics, request ids, and logs without secrets.
 
 use std::{
-    io::Read,
-    process::{Command, Stdio},
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::helpers::{PASSWORD, TestApp, json};
@@ -23,7 +25,11 @@ async fn metrics_list_requests_latencies_and_orders_created(pool: PgPool) {
         )
         .await;
     assert_eq!(created.status(), StatusCode::CREATED);
-    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    // Only on the metrics listener (METRICS_ADDR), never on the public port.
+    let public = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), StatusCode::NOT_FOUND);
+    let metrics_url = format!("{}/metrics", app.metrics_base.as_deref().unwrap());
+    let response = app.client.get(metrics_url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response.headers()["content-type"]
@@ -93,41 +99,83 @@ fn database_url(db: &PgPool) -> String {
     format!("{server}/{name}")
 }
 
+/// Forwards each line a child writes to `stream`, from a thread of its own: the test can watch for a line while
+/// the child runs, and a pipe nobody reads never fills up and blocks the child.
+fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// A child process that is killed if the test fails before it stops the child itself.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Does nothing once the child has been waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The address in the api's `listening` line (`LOG_FORMAT=json`), which it logs once bound: with
+/// `BIND_ADDR=127.0.0.1:0` the system picks a free port and only the api knows which. Every line read on the
+/// way is kept in `logs`.
+fn listening_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|err| {
+                panic!(
+                    "no `listening` line from the api ({err}); it wrote:\n{}",
+                    logs.join("\n")
+                )
+            });
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        logs.push(line);
+        if event["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening"))
+        {
+            return event["addr"]
+                .as_str()
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {}", logs.last().unwrap()));
+        }
+    }
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn logs_carry_the_request_id_and_never_a_secret(pool: PgPool) {
     let secret = "a-jwt-secret-that-must-never-be-logged-0123456789";
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut api = Command::new(env!("CARGO_BIN_EXE_api"))
-        .env("DATABASE_URL", database_url(&pool))
-        .env("REDIS_URL", crate::helpers::redis_url())
-        .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
-        .env("JWT_SECRET", secret)
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let mut api = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_api"))
+            .env("DATABASE_URL", database_url(&pool))
+            .env("REDIS_URL", crate::helpers::redis_url())
+            .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
+            .env("JWT_SECRET", secret)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            // Metrics may have a listener of their own: never on a fixed port another test could hold.
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (sender, lines) = mpsc::channel();
+    forward_lines(api.0.stdout.take().unwrap(), sender.clone());
+    forward_lines(api.0.stderr.take().unwrap(), sender);
+    let mut logs = Vec::new();
+    let base = format!("http://{}", listening_address(&lines, &mut logs));
     let client = reqwest::Client::new();
-    let started = Instant::now();
-    while client
-        .get(format!("{base}/health/live"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "api did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let email = "ada@example.com";
     let registered = client
         .post(format!("{base}/auth/register"))
@@ -170,22 +218,14 @@ async fn logs_carry_the_request_id_and_never_a_secret(pool: PgPool) {
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
 
     Command::new("kill")
-        .args(["-TERM", &api.id().to_string()])
+        .args(["-TERM", &api.0.id().to_string()])
         .status()
         .unwrap();
-    let status = api.wait().unwrap();
+    let status = api.0.wait().unwrap();
     assert!(status.success(), "api exited with {status}");
-    let mut logs = String::new();
-    api.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    api.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    // Both pipes are closed now: the rest of the lines, up to the last.
+    logs.extend(lines.iter());
+    let logs = logs.join("\n");
 
     assert!(
         logs.lines().count() > 10,

@@ -1,3 +1,4 @@
+use futures_util::future::join_all;
 use reqwest::{StatusCode, header};
 use serde_json::json;
 use sqlx::PgPool;
@@ -69,6 +70,44 @@ async fn the_sixth_login_in_a_minute_is_refused_with_retry_after(pool: PgPool) {
             .await
             .unwrap()
             .status(),
+        StatusCode::OK
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_21st_order_created_in_a_minute_is_refused_with_retry_after(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, limited).await;
+    let first = app.new_user().await;
+    let second = app.new_user().await;
+    let body = json!({"product_name": "Widget", "amount": 1});
+    // A burst of 20, then one more every 3 s: the 21 creates below take a fraction of that.
+    let created = join_all((0..20).map(|_| app.create_order(&first.access, &body))).await;
+    for (i, response) in created.iter().enumerate() {
+        assert_eq!(response.status(), StatusCode::CREATED, "create {}", i + 1);
+    }
+    let refused = app.create_order(&first.access, &body).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&retry_after), "Retry-After: {retry_after}");
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+    assert_eq!(app.count("orders").await, 20);
+
+    // The limit is the client's, not the user's: another account from the same address is refused too.
+    assert_eq!(
+        app.create_order(&second.access, &body).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(app.count("orders").await, 20);
+    // Other routes have their own budgets.
+    assert_eq!(
+        app.get(&first.access, "/orders/my-orders").await.status(),
         StatusCode::OK
     );
 }

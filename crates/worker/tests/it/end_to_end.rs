@@ -2,12 +2,13 @@
 
 use std::{
     collections::HashSet,
-    net::TcpListener,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::helpers::{
     TestQueue, count_with_status, create_and_enqueue, fast_settings, new_orders, spawn_worker,
@@ -74,32 +75,38 @@ async fn orders_never_enqueued_are_found_by_the_reconciler(db: PgPool) {
     worker.await.unwrap();
 }
 
-/// A Redis server of this test's own, on a free port, that the test can stop and start again.
+/// A Redis server of this test's own, that the test can stop and start again.
+///
+/// It listens on a unix socket at a path no one else uses, not on a TCP port: redis-server cannot pick a free
+/// port itself (`--port 0` means "no TCP at all"), and a port found free by binding and closing it can be taken
+/// by another process before redis-server binds it, or between a stop and the next start. The test would then
+/// fail, or worse, talk to someone else's server.
 struct OwnRedis {
-    port: u16,
+    socket: PathBuf,
     child: Option<Child>,
 }
 
 impl OwnRedis {
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+    fn new() -> Self {
+        Self {
+            socket: std::env::temp_dir().join(format!("orders-test-redis-{}.sock", Uuid::new_v4())),
+            child: None,
+        }
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis+unix://{}?db=0", self.socket.display())
     }
 
     async fn start(&mut self) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
+                "0",
+                "--unixsocket",
+                self.socket.to_str().expect("a UTF-8 temporary directory"),
+                "--unixsocketperm",
+                "700",
                 "--save",
                 "",
                 "--appendonly",
@@ -132,15 +139,14 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
+        // A killed redis-server leaves its socket file behind (a restart replaces it).
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn orders_created_while_redis_is_down_complete_once_it_is_back(db: PgPool) {
-    let mut redis = OwnRedis {
-        port: OwnRedis::free_port(),
-        child: None,
-    };
+    let mut redis = OwnRedis::new();
     redis.start().await;
     let queue = TestQueue::at(&redis.url());
     let (stop, worker) = spawn_worker(&db, &queue.config, fast_settings());

@@ -1,8 +1,10 @@
 //! The `worker` binary as ops run it: killed with SIGKILL, stopped with SIGTERM.
 
 use std::{
-    io::Read,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
     process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -83,26 +85,59 @@ async fn sigterm_lets_the_job_in_flight_finish_and_exits_0(db: PgPool) {
     assert_eq!(status_of(&db, id).await, OrderStatus::Completed);
 }
 
+/// The address in the worker's `metrics at /metrics` line (`LOG_FORMAT=json`), which it logs once bound: with
+/// `WORKER_METRICS_ADDR=127.0.0.1:0` the system picks a free port and only the worker knows which. Every line
+/// read on the way is kept in `logs`.
+fn metrics_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|err| {
+                panic!(
+                    "no `metrics at` line from the worker ({err}); it wrote:\n{}",
+                    logs.join("\n")
+                )
+            });
+        logs.push(line);
+        let line = logs.last().unwrap();
+        if line.contains(r#""message":"metrics at /metrics""#) {
+            return line
+                .split_once(r#""addr":""#)
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .and_then(|(addr, _)| addr.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {line}"));
+        }
+    }
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
     let queue = TestQueue::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
         .env("DATABASE_URL", database_url(&db))
         .env("REDIS_URL", &queue.config.redis_url)
         .env("QUEUE_NAME", &queue.config.queue_name)
         .env("ORDER_STAGE_DELAY_MS", "10")
-        .env("WORKER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("worker binary");
+    // Its output is read on a thread of its own, so the test can watch for a line while the worker runs.
+    let (sender, lines) = mpsc::channel();
+    let stdout = worker.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut logs = Vec::new();
+    let metrics_addr = metrics_address(&lines, &mut logs);
     let [id] = create_and_enqueue(&db, &queue.push_queue(), 1).await[..] else {
         unreachable!()
     };
@@ -112,7 +147,7 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
         || async { status_of(&db, id).await == OrderStatus::Completed },
     )
     .await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await
         .unwrap()
         .text()
@@ -140,13 +175,9 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
         .status()
         .unwrap();
     assert!(worker.wait().unwrap().success());
-    let mut logs = String::new();
-    worker
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    // The pipe is closed now: the rest of the lines, up to the last.
+    logs.extend(lines.iter());
+    let logs = logs.join("\n");
     let transitions: Vec<&str> = logs
         .lines()
         .filter(|line| line.contains("order transition"))
