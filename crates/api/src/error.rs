@@ -61,18 +61,6 @@ pub enum LocItem {
     Index(u64),
 }
 
-/// Collects a body field's parse error, if any, and hands back the parsed value: handlers parse every field,
-/// then answer one 422 listing all the problems.
-pub fn body_field<T>(
-    errors: &mut Vec<FieldError>,
-    name: &str,
-    parsed: Result<T, orders_core::domain::Invalid>,
-) -> Option<T> {
-    parsed
-        .map_err(|invalid| errors.push(FieldError::invalid(crate::loc!["body", name], invalid)))
-        .ok()
-}
-
 /// `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ValidationErrorBody {

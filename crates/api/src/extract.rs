@@ -7,9 +7,10 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Request},
     http::{HeaderMap, header, request::Parts},
 };
+use orders_core::domain::Invalid;
 use orders_core::domain::{IdempotencyKey, OrderId};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
 use crate::{
@@ -24,7 +25,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Json<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+impl<S: Send + Sync, T: FromFields> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -32,7 +33,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             return Err(ApiError::UnsupportedMediaType);
         }
         let bytes = read_body(req, state).await?;
-        parse_json(&bytes).map(Json)
+        parse_fields(&bytes).map(Json)
     }
 }
 
@@ -40,7 +41,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 #[derive(Debug)]
 pub struct OptionalJson<T>(pub Option<T>);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+impl<S: Send + Sync, T: FromFields> FromRequest<S> for OptionalJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -52,7 +53,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
         if !json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        parse_json(&bytes).map(|value| OptionalJson(Some(value)))
+        parse_fields(&bytes).map(|value| OptionalJson(Some(value)))
     }
 }
 
@@ -83,34 +84,155 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Api
     })
 }
 
-/// Parses a JSON body; a syntax error or a wrong shape becomes a 422 that points at the culprit.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    // serde would happily fill a struct from a JSON array: only an object is a valid body.
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first.is_some_and(|b| *b != b'{')
-        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
-    {
-        return Err(ApiError::field(
-            loc!["body"],
-            "model_attributes_type",
-            "Input should be a valid dictionary or object to extract fields from",
-        ));
-    }
-    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let path = path_segments(err.path());
-        let inner = err.into_inner();
-        let error = if inner.is_syntax() || inner.is_eof() {
-            FieldError::new(
-                loc!["body", inner.column()],
+/// A request body that is read field by field, so that one 422 lists every problem with it, as FastAPI does:
+/// each missing field, each field of the wrong type or with a bad value, each unknown field. Implementations take
+/// each field from [`Fields`] and parse it into its domain type there.
+pub trait FromFields: Sized {
+    /// Takes every field; `None` if any was missing or bad (each problem is recorded in `fields`).
+    fn from_fields(fields: &mut Fields) -> Option<Self>;
+}
+
+/// A JSON object's fields, as the client wrote them, and the problems found so far.
+#[derive(Debug)]
+pub struct Fields {
+    entries: Vec<(String, Box<RawValue>)>,
+    errors: Vec<FieldError>,
+}
+
+impl Fields {
+    /// Reads a JSON object. Malformed JSON or anything but an object is a 422 of its own: there are no fields
+    /// to say more about.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Box<RawValue> = serde_json::from_slice(bytes).map_err(|err| {
+            ApiError::Validation(vec![FieldError::new(
+                loc!["body", err.column()],
                 "json_invalid",
-                format!("JSON decode error: {}", bare_message(&inner.to_string())),
-            )
+                format!("JSON decode error: {}", bare_message(&err.to_string())),
+            )])
+        })?;
+        let entries = serde_json::from_str::<Entries>(value.get())
+            .map_err(|_| {
+                ApiError::field(
+                    loc!["body"],
+                    "model_attributes_type",
+                    "Input should be a valid dictionary or object to extract fields from",
+                )
+            })?
+            .0;
+        Ok(Self {
+            entries,
+            errors: Vec::new(),
+        })
+    }
+
+    /// Takes field `name` as a `T`, recording a problem if it is missing, given twice or not a `T`.
+    pub fn take<T: DeserializeOwned>(&mut self, name: &str) -> Option<T> {
+        let raw = self.take_raw(name)?;
+        match serde_json::from_str(raw.get()) {
+            Ok(value) => Some(value),
+            Err(err) => {
+                let message = bare_message(&err.to_string());
+                self.errors.push(describe_data_error(
+                    "body",
+                    vec![Value::from(name)],
+                    &message,
+                ));
+                None
+            }
+        }
+    }
+
+    /// Takes field `name` as the JSON text the client sent, recording a problem if it is missing or given twice.
+    pub fn take_raw(&mut self, name: &str) -> Option<Box<RawValue>> {
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i].0 == name {
+                found.push(self.entries.remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        match found.len() {
+            0 => {
+                self.errors.push(FieldError::new(
+                    loc!["body", name],
+                    "missing",
+                    "Field required",
+                ));
+                None
+            }
+            1 => found.pop(),
+            _ => {
+                self.errors.push(FieldError::new(
+                    loc!["body", name],
+                    "value_error",
+                    "Give this field once",
+                ));
+                None
+            }
+        }
+    }
+
+    /// Records the problem of a field that was read but did not parse into its domain type.
+    pub fn check<T>(&mut self, name: &str, parsed: Result<T, Invalid>) -> Option<T> {
+        parsed
+            .map_err(|invalid| {
+                self.errors
+                    .push(FieldError::invalid(loc!["body", name], invalid))
+            })
+            .ok()
+    }
+
+    /// Every problem found, unknown fields last; `Ok` if there was none.
+    fn finish(mut self) -> Result<(), ApiError> {
+        for (name, _) in self.entries.drain(..) {
+            self.errors.push(FieldError::new(
+                loc!["body", name],
+                "extra_forbidden",
+                "Extra inputs are not permitted",
+            ));
+        }
+        if self.errors.is_empty() {
+            Ok(())
         } else {
-            describe_data_error("body", path, &bare_message(&inner.to_string()))
-        };
-        ApiError::Validation(vec![error])
-    })
+            Err(ApiError::Validation(self.errors))
+        }
+    }
+}
+
+/// Reads a body with [`FromFields`].
+pub fn parse_fields<T: FromFields>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut fields = Fields::parse(bytes)?;
+    let parsed = T::from_fields(&mut fields);
+    fields.finish()?;
+    parsed.ok_or_else(|| anyhow::anyhow!("a body was refused without saying why").into())
+}
+
+/// A JSON object's entries in the order written, duplicates kept (serde's maps would keep only the last).
+struct Entries(Vec<(String, Box<RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// The query string, deserialised with FastAPI-style errors. Unknown parameters are ignored.
@@ -249,6 +371,12 @@ fn describe_data_error(root: &str, mut loc: Vec<Value>, message: &str) -> FieldE
         if message.ends_with("expected a string") {
             return FieldError::new(loc, "string_type", "Input should be a valid string");
         }
+        if ["u8", "u16", "u32", "u64", "i32", "i64"]
+            .iter()
+            .any(|int| message.ends_with(&format!("expected {int}")))
+        {
+            return FieldError::new(loc, "int_type", "Input should be a valid integer");
+        }
         if message.ends_with("expected f64") {
             return FieldError::new(loc, "float_type", "Input should be a valid number");
         }
@@ -275,57 +403,81 @@ fn describe_data_error(root: &str, mut loc: Vec<Value>, message: &str) -> FieldE
 
 #[cfg(test)]
 mod tests {
-    use serde::Deserialize;
-
     use super::*;
 
-    #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug)]
     #[allow(dead_code)]
     struct Body {
         name: String,
-        amount: f64,
+        count: u32,
     }
 
-    fn error_of(json: &str) -> FieldError {
-        match parse_json::<Body>(json.as_bytes()) {
-            Err(ApiError::Validation(mut errors)) => errors.remove(0),
+    impl FromFields for Body {
+        fn from_fields(fields: &mut Fields) -> Option<Self> {
+            let name = fields.take("name");
+            let count = fields.take("count");
+            Some(Self {
+                name: name?,
+                count: count?,
+            })
+        }
+    }
+
+    /// Every problem, as (loc, type).
+    fn errors_of(json: &str) -> Vec<(Vec<Value>, String)> {
+        match parse_fields::<Body>(json.as_bytes()) {
+            Err(ApiError::Validation(errors)) => {
+                errors.into_iter().map(|e| (e.loc, e.kind)).collect()
+            }
             other => panic!("expected a validation error, got {other:?}"),
         }
     }
 
-    #[test]
-    fn syntax_errors_are_json_invalid() {
-        assert_eq!(error_of("{\"name\": ").kind, "json_invalid");
-        assert_eq!(error_of("").kind, "json_invalid");
+    fn one(loc: Vec<Value>, kind: &str) -> (Vec<Value>, String) {
+        (loc, kind.to_owned())
     }
 
     #[test]
-    fn each_shape_error_points_at_its_field() {
-        let e = error_of(r#"{"name": "x"}"#);
+    fn malformed_json_and_non_objects_are_one_problem() {
+        assert_eq!(errors_of("{\"name\": ")[0].1, "json_invalid");
+        assert_eq!(errors_of("")[0].1, "json_invalid");
         assert_eq!(
-            (e.loc, e.kind.as_str()),
-            (loc!["body", "amount"], "missing")
+            errors_of("[1, 2]"),
+            [one(loc!["body"], "model_attributes_type")]
         );
-        let e = error_of(r#"{"name": "x", "amount": 1, "extra": 1}"#);
         assert_eq!(
-            (e.loc, e.kind.as_str()),
-            (loc!["body", "extra"], "extra_forbidden")
+            errors_of("null"),
+            [one(loc!["body"], "model_attributes_type")]
         );
-        let e = error_of(r#"{"name": 5, "amount": 1}"#);
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
         assert_eq!(
-            (e.loc, e.kind.as_str()),
-            (loc!["body", "name"], "string_type")
+            errors_of("{}"),
+            [
+                one(loc!["body", "name"], "missing"),
+                one(loc!["body", "count"], "missing")
+            ]
         );
-        let e = error_of(r#"{"name": "x", "amount": "1"}"#);
         assert_eq!(
-            (e.loc, e.kind.as_str()),
-            (loc!["body", "amount"], "float_type")
+            errors_of(r#"{"name": 5, "count": "x", "extra": 1, "more": 2}"#),
+            [
+                one(loc!["body", "name"], "string_type"),
+                one(loc!["body", "count"], "int_type"),
+                one(loc!["body", "extra"], "extra_forbidden"),
+                one(loc!["body", "more"], "extra_forbidden"),
+            ]
         );
-        let e = error_of(r#"[1, 2]"#);
         assert_eq!(
-            (e.loc, e.kind.as_str()),
-            (loc!["body"], "model_attributes_type")
+            errors_of(r#"{"name": "a", "name": "b", "count": 1}"#),
+            [one(loc!["body", "name"], "value_error")]
         );
+    }
+
+    #[test]
+    fn a_good_body_parses() {
+        let body = parse_fields::<Body>(br#"{"count": 3, "name": "x"}"#).unwrap();
+        assert_eq!((body.name.as_str(), body.count), ("x", 3));
     }
 }

@@ -39,3 +39,21 @@ impl Modify for BearerScheme {
         );
     }
 }
+
+/// Marks every request body (`…Request`) as closed (`additionalProperties: false`), as the server treats it:
+/// an unknown field is a 422. The bodies are read field by field (`extract::FromFields`), not through serde,
+/// so utoipa cannot see it from a `deny_unknown_fields`.
+pub fn close_request_bodies(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{
+        RefOr,
+        schema::{AdditionalProperties, Schema},
+    };
+    let Some(components) = openapi.components.as_mut() else {
+        return;
+    };
+    for (name, schema) in components.schemas.iter_mut() {
+        if let (true, RefOr::T(Schema::Object(object))) = (name.ends_with("Request"), schema) {
+            object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+        }
+    }
+}

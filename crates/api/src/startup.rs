@@ -177,12 +177,13 @@ pub fn router(state: AppState, config: &Config) -> Router {
         },
     };
     let request_timeout = config.request_timeout();
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, per_route))
         .merge(routes::orders::router(&config.rate_limits, per_route))
         .with_state(state)
         .split_for_parts();
+    crate::openapi::close_request_bodies(&mut openapi);
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

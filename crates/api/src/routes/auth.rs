@@ -16,7 +16,7 @@ use orders_core::{
     domain::{Email, Invalid, User, UserId, UserName},
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -29,9 +29,8 @@ use crate::{
         refresh_cookie, refresh_token_from_cookie, token_hash,
     },
     config::RateLimits,
-    error::{ApiError, ApiResult, ErrorBody, FieldError, ValidationErrorBody, body_field},
-    extract::{Json, OptionalJson},
-    loc,
+    error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
+    extract::{Fields, FromFields, Json, OptionalJson},
     rate_limit::RouteLimits,
     state::AppState,
 };
@@ -56,8 +55,7 @@ pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppS
 }
 
 /// A new account.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, ToSchema)]
 pub struct RegisterRequest {
     /// 1–100 characters after trimming the whitespace around it; no control characters (U+0000–U+001F,
     /// U+007F–U+009F) inside.
@@ -69,13 +67,36 @@ pub struct RegisterRequest {
         min_length = 1,
         pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000](?:[^\u0000-\u001F\u007F-\u009F]{0,98}[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
     )]
-    name: String,
+    #[schema(value_type = String)]
+    name: UserName,
     /// A valid address, at most 254 characters; compared case-insensitively.
-    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
-    email: String,
+    #[schema(value_type = String, example = "ada@example.com", format = Email, max_length = 254)]
+    email: Email,
     /// 8–128 characters.
     #[schema(value_type = String, format = Password, example = "correct horse battery staple", min_length = 8, max_length = 128)]
     password: SecretString,
+}
+
+impl FromFields for RegisterRequest {
+    fn from_fields(fields: &mut Fields) -> Option<Self> {
+        let name = fields
+            .take::<String>("name")
+            .and_then(|name| fields.check("name", UserName::parse(&name)));
+        let email = fields
+            .take::<String>("email")
+            .and_then(|email| fields.check("email", Email::parse(&email)));
+        let password = fields
+            .take::<SecretString>("password")
+            .and_then(|password| {
+                let checked = check_password(&password).map(|()| password);
+                fields.check("password", checked)
+            });
+        Some(Self {
+            name: name?,
+            email: email?,
+            password: password?,
+        })
+    }
 }
 
 /// A user, as the API shows it.
@@ -132,15 +153,8 @@ async fn register(
     State(state): State<AppState>,
     Json(body): Json<RegisterRequest>,
 ) -> ApiResult<Response> {
-    let mut errors = Vec::new();
-    let name = body_field(&mut errors, "name", UserName::parse(&body.name));
-    let email = body_field(&mut errors, "email", Email::parse(&body.email));
-    let password = body_field(&mut errors, "password", check_password(&body.password));
-    let (Some(name), Some(email), Some(())) = (name, email, password) else {
-        return Err(ApiError::Validation(errors));
-    };
     let hash = state.passwords.hash(body.password).await?;
-    let user = users::insert_user(&state.db, &name, &email, &hash)
+    let user = users::insert_user(&state.db, &body.name, &body.email, &hash)
         .await
         .map_err(|err| match err {
             InsertUserError::EmailTaken => ApiError::Conflict("Email already registered"),
@@ -151,13 +165,25 @@ async fn register(
 }
 
 /// Credentials.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, ToSchema)]
 pub struct LoginRequest {
-    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
-    email: String,
+    #[schema(value_type = String, example = "ada@example.com", format = Email, max_length = 254)]
+    email: Email,
     #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
     password: SecretString,
+}
+
+impl FromFields for LoginRequest {
+    fn from_fields(fields: &mut Fields) -> Option<Self> {
+        let email = fields
+            .take::<String>("email")
+            .and_then(|email| fields.check("email", Email::parse(&email)));
+        let password = fields.take::<SecretString>("password");
+        Some(Self {
+            email: email?,
+            password: password?,
+        })
+    }
 }
 
 /// A token pair.
@@ -252,9 +278,7 @@ async fn login(
     State(state): State<AppState>,
     Json(body): Json<LoginRequest>,
 ) -> ApiResult<Response> {
-    let email = Email::parse(&body.email).map_err(|invalid| {
-        ApiError::Validation(vec![FieldError::invalid(loc!["body", "email"], invalid)])
-    })?;
+    let email = body.email;
     // Counted before the password is checked, known email or not: guesses spread over many addresses stop at
     // the account's limit, and the answer tells nothing about which accounts exist.
     let throttle = login_attempts::count_attempt(
@@ -288,11 +312,18 @@ async fn login(
 }
 
 /// A refresh token, in the body or (with an empty body) in the `refresh_token` cookie.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, ToSchema)]
 pub struct RefreshRequest {
     /// The refresh token from login or the last refresh.
     refresh_token: String,
+}
+
+impl FromFields for RefreshRequest {
+    fn from_fields(fields: &mut Fields) -> Option<Self> {
+        Some(Self {
+            refresh_token: fields.take("refresh_token")?,
+        })
+    }
 }
 
 fn presented_refresh_token(headers: &HeaderMap, body: Option<RefreshRequest>) -> ApiResult<String> {

@@ -14,7 +14,6 @@ use orders_core::{
     queue::Admission,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -22,8 +21,8 @@ use uuid::Uuid;
 use crate::{
     auth::AuthUser,
     config::RateLimits,
-    error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody, body_field},
-    extract::{IdempotencyKeyHeader, Json, OrderPath, Query},
+    error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
+    extract::{Fields, FromFields, IdempotencyKeyHeader, Json, OrderPath, Query},
     loc,
     rate_limit::RouteLimits,
     state::AppState,
@@ -84,8 +83,7 @@ impl From<Order> for OrderResponse {
 }
 
 /// A new order.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, ToSchema)]
 pub struct CreateOrderRequest {
     /// 1–200 characters after trimming the whitespace around it; no control characters (U+0000–U+001F,
     /// U+007F–U+009F) inside.
@@ -96,7 +94,8 @@ pub struct CreateOrderRequest {
         min_length = 1,
         pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000](?:[^\u0000-\u001F\u007F-\u009F]{0,198}[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
     )]
-    product_name: String,
+    #[schema(value_type = String)]
+    product_name: ProductName,
     /// A JSON number > 0 and ≤ 1,000,000,000 with at most 2 decimal places, read exactly as written (never
     /// rounded through a double) and stored exactly.
     #[schema(
@@ -106,7 +105,22 @@ pub struct CreateOrderRequest {
         maximum = 1_000_000_000,
         multiple_of = 0.01
     )]
-    amount: Box<RawValue>,
+    amount: Amount,
+}
+
+impl FromFields for CreateOrderRequest {
+    fn from_fields(fields: &mut Fields) -> Option<Self> {
+        let product_name = fields
+            .take::<String>("product_name")
+            .and_then(|name| fields.check("product_name", ProductName::parse(&name)));
+        let amount = fields
+            .take_raw("amount")
+            .and_then(|raw| fields.check("amount", Amount::parse_json_number(raw.get())));
+        Some(Self {
+            product_name: product_name?,
+            amount: amount?,
+        })
+    }
 }
 
 /// Creates a PENDING order and queues it for processing.
@@ -133,20 +147,10 @@ async fn create_order(
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     Json(body): Json<CreateOrderRequest>,
 ) -> ApiResult<Response> {
-    let mut errors = Vec::new();
-    let product_name = body_field(
-        &mut errors,
-        "product_name",
-        ProductName::parse(&body.product_name),
-    );
-    let amount = body_field(
-        &mut errors,
-        "amount",
-        Amount::parse_json_number(body.amount.get()),
-    );
-    let (Some(product_name), Some(amount)) = (product_name, amount) else {
-        return Err(ApiError::Validation(errors));
-    };
+    let CreateOrderRequest {
+        product_name,
+        amount,
+    } = body;
     // Whether the job goes to Redis is decided before the insert, so that the insert records it: one commit per
     // create. A queue that cannot be read defers the order to the reconciler.
     let admission = match state.queue.admit(state.enqueue_timeout).await {
@@ -310,10 +314,13 @@ fn decode_cursor(raw: &str) -> Option<OrderCursor> {
     if !(1..=9999).contains(&created_at.year()) {
         return None;
     }
-    Some(OrderCursor {
+    let cursor = OrderCursor {
         created_at,
         id: OrderId(Uuid::parse_str(id).ok()?),
-    })
+    };
+    // Only the exact text we issue, so that the schema's pattern states precisely what is accepted (no signs,
+    // leading zeros or other spellings of the same uuid).
+    (encode_cursor(cursor) == raw).then_some(cursor)
 }
 
 /// My orders, newest first.
@@ -463,6 +470,28 @@ mod tests {
         let far_past = URL_SAFE_NO_PAD.encode(format!("-8000000000000000000.{}", OrderId::new()));
         let far_future = URL_SAFE_NO_PAD.encode(format!("8000000000000000000.{}", OrderId::new()));
         assert_eq!(decode_cursor(&far_past), None);
+        // Other spellings of the same cursor are refused: only the exact text issued is accepted.
+        let id = cursor.id.to_string();
+        for other in [
+            format!("0{}.{id}", cursor.created_at.timestamp_micros()),
+            format!("+{}.{id}", cursor.created_at.timestamp_micros()),
+            format!(
+                "{}.{}",
+                cursor.created_at.timestamp_micros(),
+                id.to_uppercase()
+            ),
+            format!(
+                "{}.{}",
+                cursor.created_at.timestamp_micros(),
+                id.replace('-', "")
+            ),
+        ] {
+            assert_eq!(
+                decode_cursor(&URL_SAFE_NO_PAD.encode(&other)),
+                None,
+                "{other}"
+            );
+        }
         assert_eq!(decode_cursor(&far_future), None);
         for garbage in [
             "",

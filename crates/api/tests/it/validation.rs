@@ -1,5 +1,5 @@
 use reqwest::{StatusCode, header};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::helpers::{PASSWORD, TestApp, assert_422_at, json};
@@ -252,4 +252,64 @@ async fn a_body_that_is_not_json_is_415_and_a_huge_one_413(pool: PgPool) {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(json(response).await["detail"].is_string());
     assert_eq!(app.count("users").await, 1);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn every_problem_of_a_body_is_listed_in_one_422(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let problems = |body: Value| {
+        let app = &app;
+        let token = user.access.clone();
+        async move {
+            let response = app.create_order(&token, &body).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{body}"
+            );
+            let body = json(response).await;
+            body["detail"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["loc"].clone(), e["type"].as_str().unwrap().to_owned()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let at = |field: &str, kind: &str| (json!(["body", field]), kind.to_owned());
+    assert_eq!(
+        problems(json!({})).await,
+        [at("product_name", "missing"), at("amount", "missing")]
+    );
+    assert_eq!(
+        problems(json!({"product_name": 7, "amount": 1.001, "colour": "red"})).await,
+        [
+            at("product_name", "string_type"),
+            at("amount", "decimal_max_places"),
+            at("colour", "extra_forbidden")
+        ]
+    );
+    let response = app
+        .post_json(
+            "/auth/register",
+            &json!({"name": " ", "email": "nope", "password": "short"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let locs: Vec<Value> = json(response).await["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loc"].clone())
+        .collect();
+    assert_eq!(
+        locs,
+        [
+            json!(["body", "name"]),
+            json!(["body", "email"]),
+            json!(["body", "password"])
+        ]
+    );
+    assert_eq!(app.count("orders").await, 0);
 }
