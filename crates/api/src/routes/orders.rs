@@ -288,12 +288,12 @@ pub struct ListQuery {
     // An opaque token to clients, but the schema says which ones `decode_cursor` accepts: URL-safe base64 without
     // padding of `<16-digit micros>.<hyphenated lower-case UUID>` (every cursor issued for a time between 2001
     // and 2286). Each group of 4 characters encodes 3 bytes of that layout, so the pattern lists, group by group,
-    // the encodings of the bytes allowed there. decode_cursor accepts a few forms more (other digit counts, a
-    // sign, upper-case or unhyphenated UUIDs) that no cursor we issue has.
+    // the encodings of the bytes allowed there; the first group leaves out `MD`, a leading `0`. decode_cursor
+    // accepts exactly the text encode_cursor writes, so this is all it accepts (for those years).
     #[param(
         min_length = 71,
         max_length = 71,
-        pattern = r"^(?:(?:O[DT]|[MN][DTjz])[AEIMQUYcgk][w-z0-5]){5}(?:O[CS]|[MN][CSiy])(?:4[w-z0-5]|5[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){2}(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))L(?:T(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|W(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])t(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){3}(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])$"
+        pattern = r"^(?:O[DT]|M[Tjz]|N[DTjz])[AEIMQUYcgk][w-z0-5](?:(?:O[DT]|[MN][DTjz])[AEIMQUYcgk][w-z0-5]){4}(?:O[CS]|[MN][CSiy])(?:4[w-z0-5]|5[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){2}(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))L(?:T(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|W(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])t(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))(?:O[CS]|Y[Siy]|Z[CSi]|[MN][CSiy])(?:0[w-z0-5]|1[h-m])(?:(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])(?:[AEIMQUYcgk][w-z0-5]|[BFJNRVZdhl][h-m])|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])(?:[EIMQUY][w-z0-5]|[FJNRVZ][h-m]))){3}(?:(?:O[DT]|Y[Tjz]|Z[DTj]|[MN][DTjz])[AEIMQUYcgk]|(?:O[GW]|Y[Wm2]|Z[GWm]|[MN][GWm2])[EIMQUY])$"
     )]
     cursor: Option<String>,
 }

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{PASSWORD, TestApp, json};
+use crate::helpers::{PASSWORD, TestApp, database_url_of, json};
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn metrics_list_requests_latencies_and_orders_created(pool: PgPool) {
@@ -87,18 +87,6 @@ async fn a_request_id_is_returned_and_generated_when_missing_or_unusable(pool: P
     assert!(uuid::Uuid::parse_str(forged.headers()["x-request-id"].to_str().unwrap()).is_ok());
 }
 
-/// The URL of the test's own database, for a spawned process.
-fn database_url(db: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for #[sqlx::test]");
-    let name = db
-        .connect_options()
-        .get_database()
-        .expect("database name")
-        .to_owned();
-    let (server, _) = base.rsplit_once('/').expect("URL has a path");
-    format!("{server}/{name}")
-}
-
 /// Forwards each line a child writes to `stream`, from a thread of its own: the test can watch for a line while
 /// the child runs, and a pipe nobody reads never fills up and blocks the child.
 fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
@@ -156,7 +144,7 @@ async fn logs_carry_the_request_id_and_never_a_secret(pool: PgPool) {
     let secret = "a-jwt-secret-that-must-never-be-logged-0123456789";
     let mut api = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_api"))
-            .env("DATABASE_URL", database_url(&pool))
+            .env("DATABASE_URL", database_url_of(&pool))
             .env("REDIS_URL", crate::helpers::redis_url())
             .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
             .env("JWT_SECRET", secret)
