@@ -253,28 +253,26 @@ async fn purge_periodically(db: PgPool, stop: CancellationToken) {
 /// One purge round: batches until a batch comes back short. Returns the rows deleted (tokens, login windows).
 pub async fn purge(db: &PgPool) -> sqlx::Result<(u64, u64)> {
     use orders_core::db::{login_attempts, sessions};
-    let mut tokens = 0;
-    loop {
-        let deleted = sessions::purge_dead_tokens(db, PURGE_BATCH).await?;
-        tokens += deleted;
-        if deleted < PURGE_BATCH as u64 {
-            break;
-        }
-    }
-    let mut logins = 0;
-    loop {
-        let deleted = login_attempts::purge_ended(
-            db,
-            crate::routes::auth::LOGIN_THROTTLE_WINDOW,
-            PURGE_BATCH,
-        )
-        .await?;
-        logins += deleted;
-        if deleted < PURGE_BATCH as u64 {
-            break;
-        }
-    }
+    let tokens = in_batches(|| sessions::purge_dead_tokens(db, PURGE_BATCH)).await?;
+    let window = crate::routes::auth::LOGIN_THROTTLE_WINDOW;
+    let logins = in_batches(|| login_attempts::purge_ended(db, window, PURGE_BATCH)).await?;
     Ok((tokens, logins))
+}
+
+/// Runs `batch` until it deletes fewer than [`PURGE_BATCH`] rows; returns the rows deleted in all.
+async fn in_batches<F, Fut>(mut batch: F) -> sqlx::Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<u64>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = batch().await?;
+        total += deleted;
+        if deleted < PURGE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Answers 503 instead of letting a request hang.

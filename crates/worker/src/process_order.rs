@@ -135,10 +135,15 @@ impl Processor {
             }
         };
         if parked {
-            tracing::error!(order_id = %id, error = %error, attempts = self.max_attempts, "order parked: out of attempts; `worker requeue` re-drives it");
-            metrics::counter!("orders_parked_total").increment(1);
+            self.report_parked(id, &error);
         }
         Err(JobFailure { error, parked })
+    }
+
+    /// The error line and the metric of an order that was just parked.
+    fn report_parked(&self, id: OrderId, cause: &dyn std::fmt::Display) {
+        tracing::error!(order_id = %id, cause = %cause, attempts = self.max_attempts, "order parked: out of attempts; `worker requeue` re-drives it");
+        metrics::counter!("orders_parked_total").increment(1);
     }
 
     /// Step 1: claims the order for processing, or tells why not.
@@ -205,8 +210,7 @@ impl Processor {
             Err(status @ (OrderStatus::Pending | OrderStatus::Processing))
                 if db::park_exhausted(&self.db, id, self.max_attempts).await? =>
             {
-                tracing::error!(order_id = %id, status = status.as_str(), attempts = self.max_attempts, "order parked: out of attempts; `worker requeue` re-drives it");
-                metrics::counter!("orders_parked_total").increment(1);
+                self.report_parked(id, &format!("every claim was lost ({})", status.as_str()));
                 return Ok(Outcome::Parked);
             }
             Err(status) => {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{JWT_SECRET, PASSWORD, TestApp, database_url_of, json};
+use crate::helpers::{JWT_SECRET, PASSWORD, TestApp, database_url_of, json, retry_after};
 
 /// The series of `/metrics` that carry a `method` label, as `name{labels}`.
 fn method_series(metrics: &str) -> Vec<String> {
@@ -93,8 +93,8 @@ async fn wrong_login(app: &TestApp, email: &str) -> (StatusCode, Option<u64>, Va
     let status = response.status();
     let retry_after = response
         .headers()
-        .get(header::RETRY_AFTER)
-        .map(|v| v.to_str().unwrap().parse().unwrap());
+        .contains_key(header::RETRY_AFTER)
+        .then(|| retry_after(&response));
     (status, retry_after, json(response).await)
 }
 

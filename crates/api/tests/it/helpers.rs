@@ -243,3 +243,12 @@ pub fn database_url_of(db: &PgPool) -> String {
     let (server, _) = base.rsplit_once('/').expect("URL has a path");
     format!("{server}/{name}")
 }
+
+/// The `Retry-After` of a 429, in seconds.
+pub fn retry_after(response: &Response) -> u64 {
+    response.headers()[reqwest::header::RETRY_AFTER]
+        .to_str()
+        .expect("ASCII")
+        .parse()
+        .expect("whole seconds")
+}

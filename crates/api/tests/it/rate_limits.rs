@@ -3,7 +3,7 @@ use reqwest::{StatusCode, header};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{PASSWORD, TestApp, json};
+use crate::helpers::{PASSWORD, TestApp, json, retry_after};
 
 async fn login_from(app: &TestApp, forwarded_for: Option<&str>) -> reqwest::Response {
     let mut request = app
@@ -34,11 +34,7 @@ async fn the_sixth_login_in_a_minute_is_refused_with_retry_after(pool: PgPool) {
     }
     let refused = login_from(&app, None).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&refused);
     assert!(
         (1..=12).contains(&retry_after),
         "Retry-After: {retry_after}"
@@ -87,11 +83,7 @@ async fn the_21st_order_created_in_a_minute_is_refused_with_retry_after(pool: Pg
     }
     let refused = app.create_order(&first.access, &body).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&refused);
     assert!((1..=3).contains(&retry_after), "Retry-After: {retry_after}");
     assert_eq!(
         json(refused).await,

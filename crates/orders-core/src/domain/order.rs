@@ -113,7 +113,7 @@ impl Amount {
     pub fn parse_json_number(text: &str) -> Result<Self, Invalid> {
         let number = JsonNumber::parse(text)
             .ok_or_else(|| Invalid::new("float_type", "Input should be a valid number"))?;
-        let Some(digits) = number.significant() else {
+        let Some((digits, exponent)) = number.significant() else {
             return Err(Invalid::new(
                 "greater_than",
                 "Input should be greater than 0",
@@ -126,7 +126,6 @@ impl Amount {
             ));
         }
         // The value is `digits × 10^exponent`, with no trailing zero in `digits`.
-        let exponent = number.exponent(&digits);
         let magnitude = i128::try_from(digits.len())
             .unwrap_or(i128::MAX)
             .saturating_add(exponent);
@@ -192,21 +191,15 @@ impl<'a> JsonNumber<'a> {
         })
     }
 
-    /// The digits of `int` and `frac` without leading or trailing zeros; `None` for zero.
-    fn significant(&self) -> Option<String> {
+    /// The value as `digits × 10^exponent`, `digits` without leading or trailing zeros; `None` for zero.
+    fn significant(&self) -> Option<(String, i128)> {
         let all = format!("{}{}", self.int, self.frac);
-        let trimmed = all.trim_start_matches('0').trim_end_matches('0');
-        (!trimmed.is_empty()).then(|| trimmed.to_owned())
-    }
-
-    /// The power of ten that `significant` digits are multiplied by.
-    fn exponent(&self, significant: &str) -> i128 {
-        let all_len = self.int.len() + self.frac.len();
-        let leading = format!("{}{}", self.int, self.frac)
-            .bytes()
-            .take_while(|b| *b == b'0')
-            .count();
-        let trailing = all_len - leading - significant.len();
+        let without_trailing = all.trim_end_matches('0');
+        let digits = without_trailing.trim_start_matches('0');
+        if digits.is_empty() {
+            return None;
+        }
+        let trailing = all.len() - without_trailing.len();
         // An exponent too long for i128 is far past any bound: saturate.
         let exp: i128 = self.exp.parse().unwrap_or_else(|_| {
             if self.exp.starts_with('-') {
@@ -215,7 +208,9 @@ impl<'a> JsonNumber<'a> {
                 i128::MAX / 2
             }
         });
-        exp - i128::try_from(self.frac.len()).unwrap_or(0) + i128::try_from(trailing).unwrap_or(0)
+        let exponent = exp - i128::try_from(self.frac.len()).unwrap_or(0)
+            + i128::try_from(trailing).unwrap_or(0);
+        Some((digits.to_owned(), exponent))
     }
 }
 

@@ -75,7 +75,7 @@ pub enum EnqueueError {
 /// What became of a new order's job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Its job is in Redis.
+    /// Its job goes to Redis now (push it).
     Pushed,
     /// Redis holds `QUEUE_MAX_JOBS` jobs already, or older orders are waiting in PostgreSQL for room: the
     /// order waits its turn there, and the reconciler pushes it.
@@ -233,20 +233,6 @@ impl OrderQueue {
             Ok(Err(err)) => Err(EnqueueError::Push(err.to_string())),
             Err(_) => Err(EnqueueError::Timeout(timeout)),
         }
-    }
-
-    /// [`admit`](Self::admit), then [`push`](Self::push) if admitted: what the api does around a create,
-    /// without the database in between. `timeout` bounds each step.
-    pub async fn push_new_order(
-        &self,
-        order_id: OrderId,
-        timeout: Duration,
-    ) -> Result<Admission, EnqueueError> {
-        let admission = self.admit(timeout).await?;
-        if admission == Admission::Pushed {
-            self.push(order_id, timeout).await?;
-        }
-        Ok(admission)
     }
 
     /// Pushes one job per order, all in one round trip, whatever the queue holds (the caller keeps the

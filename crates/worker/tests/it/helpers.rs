@@ -192,8 +192,10 @@ pub async fn push_like_the_api(
     queue: &OrderQueue,
     id: OrderId,
 ) -> Result<Admission, EnqueueError> {
-    let admission = queue.push_new_order(id, Duration::from_millis(500)).await?;
+    let timeout = Duration::from_millis(500);
+    let admission = queue.admit(timeout).await?;
     if admission == Admission::Pushed {
+        queue.push(id, timeout).await?;
         sqlx::query("update orders set enqueued_at = now() where id = $1")
             .bind(id.0)
             .execute(db)
