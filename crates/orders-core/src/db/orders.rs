@@ -307,8 +307,9 @@ pub async fn is_leased(executor: impl PgExecutor<'_>, id: OrderId) -> sqlx::Resu
 }
 
 /// Records a failed attempt at an order (an error or a panic of its job, before or after the claim) and parks it
-/// once it has had `max_attempts`. `counts` is false when the attempt was already counted by its claim. Returns
-/// whether the order is parked now.
+/// once it has had `max_attempts`. `counts` is false when the attempt was already counted by its claim. A failure
+/// of a job that ran while another one parked the order (duplicate deliveries fail together) changes nothing.
+/// Returns whether the order is parked now.
 pub async fn record_failure(
     executor: impl PgExecutor<'_>,
     id: OrderId,
@@ -319,8 +320,9 @@ pub async fn record_failure(
     let parked = sqlx::query_scalar!(
         r#"
         update orders
-        set attempts = attempts + $3::int, last_error = left($2, 1000),
-            parked_at = case when attempts + $3::int >= $4 then coalesce(parked_at, now()) end
+        set attempts = case when parked_at is null then attempts + $3::int else attempts end,
+            last_error = case when parked_at is null then left($2, 1000) else last_error end,
+            parked_at = case when parked_at is null and attempts + $3::int >= $4 then now() else parked_at end
         where id = $1 and status in ('PENDING', 'PROCESSING')
         returning parked_at is not null as "parked!"
         "#,
