@@ -49,9 +49,31 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("another metrics recorder is installed; /metrics will stay empty");
             }
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds histogram samples into their buckets every [`UPKEEP_INTERVAL`]. The recorder keeps every sample until
+/// an upkeep or a scrape: without this, a process nobody scrapes (`METRICS_ADDR=off`) grows by each request's
+/// sample forever. A thread rather than a task, so it outlives whichever runtime first asked for the recorder.
+fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start the metrics upkeep thread; samples are folded on scrape only");
+    }
 }
 
 /// An error with its causes, each said once. `{:#}` repeats a cause whose text its wrapper already includes:

@@ -108,6 +108,11 @@ impl From<&Order> for OrderCursor {
 
 /// Up to `limit` of the user's orders, newest first, optionally with one status, after `cursor` (keyset
 /// pagination: stable while orders are being added, and as fast on the last page as on the first).
+///
+/// Two fixed statements, one per index, each a seek on `(created_at, id)` with no optional predicate: after five
+/// runs on a connection PostgreSQL may switch a prepared statement to its generic plan, and a generic plan of
+/// `($2 is null or status = $2)` reads every order of the user and sorts them (measured: 9 ms for 31,000 orders
+/// instead of 0.1 ms). Without a cursor the seek starts past any real order.
 pub async fn list_orders(
     executor: impl PgExecutor<'_>,
     user_id: UserId,
@@ -115,26 +120,51 @@ pub async fn list_orders(
     cursor: Option<OrderCursor>,
     limit: i64,
 ) -> sqlx::Result<Vec<Order>> {
-    sqlx::query_as!(
-        Order,
-        r#"
-        select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
-               status as "status: OrderStatus", created_at, updated_at
-        from orders
-        where user_id = $1
-          and ($2::order_status is null or status = $2)
-          and ($3::timestamptz is null or (created_at, id) < ($3, $4))
-        order by created_at desc, id desc
-        limit $5
-        "#,
-        user_id as UserId,
-        status as Option<OrderStatus>,
-        cursor.map(|c| c.created_at),
-        cursor.map(|c| c.id.0),
-        limit,
-    )
-    .fetch_all(executor)
-    .await
+    let before = cursor.map(|c| c.created_at);
+    let before_id = cursor.map(|c| c.id.0);
+    match status {
+        None => {
+            sqlx::query_as!(
+                Order,
+                r#"
+                select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+                       status as "status: OrderStatus", created_at, updated_at
+                from orders
+                where user_id = $1
+                  and (created_at, id) < (coalesce($2::timestamptz, 'infinity'), coalesce($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+                order by created_at desc, id desc
+                limit $4
+                "#,
+                user_id as UserId,
+                before,
+                before_id,
+                limit,
+            )
+            .fetch_all(executor)
+            .await
+        }
+        Some(status) => {
+            sqlx::query_as!(
+                Order,
+                r#"
+                select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
+                       status as "status: OrderStatus", created_at, updated_at
+                from orders
+                where user_id = $1 and status = $2
+                  and (created_at, id) < (coalesce($3::timestamptz, 'infinity'), coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+                order by created_at desc, id desc
+                limit $5
+                "#,
+                user_id as UserId,
+                status as OrderStatus,
+                before,
+                before_id,
+                limit,
+            )
+            .fetch_all(executor)
+            .await
+        }
+    }
 }
 
 /// Why an order could not be cancelled.

@@ -1,4 +1,4 @@
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
 use sqlx::{
@@ -19,11 +19,28 @@ fn connect_options(config: &DatabaseConfig) -> anyhow::Result<PgConnectOptions> 
     )]))
 }
 
+/// A pooled connection idle longer than this is checked with a round trip before it is handed out.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(5);
+
 /// Pool settings: bounded size and a bounded wait for a connection.
+///
+/// sqlx's default `test_before_acquire` pings every connection on every checkout: one extra round trip per
+/// statement, which under load cost as much as the statement itself. Only a connection idle longer than
+/// [`CHECK_IDLE_AFTER`] (the kind a database restart or a firewall may have cut) is pinged now; a busy one was
+/// proven alive by its last statement.
 pub fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .acquire_timeout(config.acquire_timeout())
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > CHECK_IDLE_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// Creates the database named in the URL if it does not exist yet.
