@@ -7,6 +7,7 @@
 //! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind. Each consumer generation that
 //! stops (a Redis error, or shutdown) is unregistered at once, and the janitor sweeps up after killed processes.
 
+pub mod batch;
 pub mod config;
 pub mod janitor;
 pub mod outage;
@@ -35,6 +36,8 @@ pub use reconcile::Reconciler;
 
 /// Heartbeats a worker may miss before other workers take its jobs back.
 const MISSED_HEARTBEATS: usize = 3;
+/// Most jobs fetched from Redis at once.
+const FETCH_BATCH: usize = 128;
 /// Longest pause between two restarts after Redis errors.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -165,7 +168,7 @@ pub async fn run(
     tracing::info!(
         worker = %name,
         queue = %queue_config.queue_name,
-        concurrency = settings.worker_concurrency,
+        concurrency = settings.concurrency(),
         max_jobs = queue_config.queue_max_jobs,
         "worker started"
     );
@@ -177,14 +180,14 @@ pub async fn run(
             queue::queue_settings(&queue_config)
                 .heartbeat_interval(settings.heartbeat())
                 .missed_heartbeats(MISSED_HEARTBEATS)
-                .batch_size(usize::from(settings.worker_concurrency)),
+                .batch_size(usize::from(settings.concurrency()).min(FETCH_BATCH)),
         );
         let generation_name = format!("{name}-{generation}");
         let worker = WorkerBuilder::new(generation_name.clone())
             .backend(storage.poll_with_strategy(EveryInterval::new(settings.poll_interval())))
             .data(processor.clone())
             .layer(CatchPanicLayer::with_panic_handler(on_panic))
-            .concurrency(usize::from(settings.worker_concurrency))
+            .concurrency(usize::from(settings.concurrency()))
             .build(handle_job);
         let signal = stop.clone();
         let started = Instant::now();

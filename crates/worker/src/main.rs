@@ -8,8 +8,6 @@ use worker::{Config, config::Command};
 
 /// mimalloc instead of the system allocator: glibc's per-thread arenas kept tens of MB resident after a load
 /// (and after each Argon2 hash of 19 MiB), and their locks showed in the request path's profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {

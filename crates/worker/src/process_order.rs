@@ -11,9 +11,11 @@ use std::{
 use futures_util::FutureExt;
 
 use orders_core::{
-    db::orders::{self as db, Claim},
+    db::orders::{self as db, Attempt, Claim},
     domain::{OrderId, OrderStatus},
 };
+
+use crate::batch::{BatchError, Batcher};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -25,7 +27,12 @@ pub struct Processor {
     lease: Duration,
     stage_delay: Duration,
     max_attempts: i32,
+    claims: Batcher<Attempt, Option<OrderStatus>>,
+    completions: Batcher<Attempt, bool>,
 }
+
+/// Most transitions in one statement.
+const MAX_BATCH: usize = 128;
 
 /// Attempts an order gets unless `ORDER_MAX_ATTEMPTS` says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u16 = 5;
@@ -63,6 +70,9 @@ pub enum ProcessError {
     /// PostgreSQL failed; worth retrying.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The batched statement of this job's transition failed; worth retrying.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
     /// The handler panicked: a bug, or data it cannot handle.
     #[error("panicked: {0}")]
     Panicked(String),
@@ -76,25 +86,30 @@ impl ProcessError {
 }
 
 impl Processor {
-    /// A processor for the worker named `worker_name`.
+    /// A processor for the worker named `worker_name`. Starts its two batchers (claims and completions) on the
+    /// current Tokio runtime.
     pub fn new(
         db: PgPool,
         worker_name: impl Into<String>,
         lease: Duration,
         stage_delay: Duration,
     ) -> Self {
+        let max_attempts = i32::from(DEFAULT_MAX_ATTEMPTS);
         Self {
+            claims: claim_batcher(&db, lease, max_attempts),
+            completions: completion_batcher(&db),
             db,
             worker_name: worker_name.into(),
             lease,
             stage_delay,
-            max_attempts: i32::from(DEFAULT_MAX_ATTEMPTS),
+            max_attempts,
         }
     }
 
     /// The same processor, parking an order after `max_attempts` attempts instead of the default 5.
     pub fn with_max_attempts(mut self, max_attempts: u16) -> Self {
         self.max_attempts = i32::from(max_attempts.max(1));
+        self.claims = claim_batcher(&self.db, self.lease, self.max_attempts);
         self
     }
 
@@ -149,15 +164,17 @@ impl Processor {
     /// Step 1: claims the order for processing, or tells why not.
     pub async fn claim(&self, id: OrderId) -> Result<Result<Claim, OrderStatus>, ProcessError> {
         let token = format!("{}/{}", self.worker_name, Uuid::now_v7());
-        let claimed =
-            db::claim_for_processing(&self.db, id, &token, self.lease, self.max_attempts).await?;
-        if let Some(claim) = claimed {
-            if claim.previous == OrderStatus::Processing {
+        let attempt = Attempt {
+            id,
+            token: token.clone(),
+        };
+        if let Some(previous) = self.claims.run(attempt).await? {
+            if previous == OrderStatus::Processing {
                 tracing::warn!(order_id = %id, "took over an order whose worker's lease expired");
             }
-            tracing::info!(order_id = %id, from = claim.previous.as_str(), to = "PROCESSING", "order transition");
+            tracing::info!(order_id = %id, from = previous.as_str(), to = "PROCESSING", "order transition");
             metrics::counter!("order_transitions_total", "to" => "PROCESSING").increment(1);
-            return Ok(Ok(claim));
+            return Ok(Ok(Claim { token, previous }));
         }
         match db::order_status(&self.db, id).await? {
             Some(status) => Ok(Err(status)),
@@ -167,7 +184,11 @@ impl Processor {
 
     /// Step 2: completes a claimed order. False if the claim was lost meanwhile.
     pub async fn complete(&self, id: OrderId, claim: &Claim) -> Result<bool, ProcessError> {
-        let done = db::complete_processing(&self.db, id, claim).await?;
+        let attempt = Attempt {
+            id,
+            token: claim.token.clone(),
+        };
+        let done = self.completions.run(attempt).await?;
         if done {
             tracing::info!(order_id = %id, from = "PROCESSING", to = "COMPLETED", "order transition");
             metrics::counter!("order_transitions_total", "to" => "COMPLETED").increment(1);
@@ -190,7 +211,13 @@ impl Processor {
         id: OrderId,
         claimed: &AtomicBool,
     ) -> Result<Outcome, ProcessError> {
-        match db::order_status(&self.db, id).await? {
+        // The look before the first stage spares a finished order its wait; with no wait, the claim alone decides.
+        let status = if self.stage_delay.is_zero() {
+            Some(OrderStatus::Pending)
+        } else {
+            db::order_status(&self.db, id).await?
+        };
+        match status {
             None => return Err(ProcessError::OrderMissing(id)),
             Some(status @ (OrderStatus::Completed | OrderStatus::Cancelled)) => {
                 tracing::info!(order_id = %id, status = status.as_str(), "nothing to do for this order");
@@ -226,6 +253,58 @@ impl Processor {
             Outcome::LostLease
         })
     }
+}
+
+/// How many batched statements of one kind may run at once: as many as the pool has connections.
+fn statement_slots(db: &PgPool) -> usize {
+    usize::try_from(db.options().get_max_connections()).unwrap_or(1)
+}
+
+/// Claims in batches: each attempt gets its order's previous status if its token won the order.
+fn claim_batcher(
+    db: &PgPool,
+    lease: Duration,
+    max_attempts: i32,
+) -> Batcher<Attempt, Option<OrderStatus>> {
+    let db = db.clone();
+    Batcher::spawn(
+        MAX_BATCH,
+        statement_slots(&db),
+        move |batch: Vec<Attempt>| {
+            let db = db.clone();
+            async move {
+                let claimed = db::claim_for_processing(&db, &batch, lease, max_attempts).await?;
+                Ok(batch
+                    .iter()
+                    .map(|attempt| {
+                        claimed
+                            .iter()
+                            .find(|(token, _)| *token == attempt.token)
+                            .map(|(_, previous)| *previous)
+                    })
+                    .collect())
+            }
+        },
+    )
+}
+
+/// Completions in batches: each attempt learns whether its token still held the order.
+fn completion_batcher(db: &PgPool) -> Batcher<Attempt, bool> {
+    let db = db.clone();
+    Batcher::spawn(
+        MAX_BATCH,
+        statement_slots(&db),
+        move |batch: Vec<Attempt>| {
+            let db = db.clone();
+            async move {
+                let completed = db::complete_processing(&db, &batch).await?;
+                Ok(batch
+                    .iter()
+                    .map(|attempt| completed.contains(&attempt.token))
+                    .collect())
+            }
+        },
+    )
 }
 
 /// The text of a panic's payload.

@@ -106,7 +106,7 @@ async fn a_cancel_racing_the_worker_either_wins_cleanly_or_gets_409(pool: PgPool
     let app = TestApp::spawn_with(pool, |config| {
         with_worker(STAGE.as_millis() as u64)(config);
         // A slot for every job, so that each job's stage starts as soon as its order is created.
-        config.worker.worker_concurrency = 16;
+        config.worker.worker_concurrency = Some(16);
     })
     .await;
     let user = app.new_user().await;

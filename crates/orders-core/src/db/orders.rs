@@ -233,80 +233,104 @@ pub struct Claim {
     pub previous: OrderStatus,
 }
 
-/// Moves an order `PENDING → PROCESSING`, or takes over a `PROCESSING` order whose lease has expired (its
-/// worker died). Returns `None` when the order is in any other state, or held by a live lease: cancelled,
-/// done, or someone else's. The row lock makes concurrent claims of one order serialize; the loser sees the
-/// winner's lease and gets `None`.
+/// One order a worker wants to move, with the token its claim is (or was) made under: unique per claim (worker
+/// name and a fresh id), stored in `orders.locked_by`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The order.
+    pub id: OrderId,
+    /// The claim's token.
+    pub token: String,
+}
+
+/// Moves each order `PENDING → PROCESSING`, or takes over a `PROCESSING` order whose lease has expired (its
+/// worker died), in one statement and one commit for the whole batch. Returns the tokens that got their order,
+/// each with the order's status before: the others' orders are in another state, or held by a live lease
+/// (cancelled, done, someone else's, or claimed by another attempt of the same batch). Rows are locked in id
+/// order, so batches of concurrent workers cannot deadlock; the loser of a race sees the winner's lease.
 ///
 /// Each claim counts one attempt. An order that has had `max_attempts` already, or is parked, is not claimed:
 /// see [`park_exhausted`].
 pub async fn claim_for_processing(
     executor: impl PgExecutor<'_>,
-    id: OrderId,
-    token: &str,
+    attempts: &[Attempt],
     lease: std::time::Duration,
     max_attempts: i32,
-) -> sqlx::Result<Option<Claim>> {
+) -> sqlx::Result<Vec<(String, OrderStatus)>> {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    let previous = sqlx::query_scalar!(
+    let (ids, tokens) = split(attempts);
+    let claimed = sqlx::query!(
         r#"
-        with current as (
-            select id, status from orders where id = $1 for update
+        with input as (
+            select * from unnest($1::uuid[], $2::text[]) as t(id, token)
+        ), current as (
+            select id, status from orders where id in (select id from input) order by id for update
         ), claimed as (
             update orders o
-            set status = 'PROCESSING', locked_by = $2,
+            set status = 'PROCESSING', locked_by = i.token,
                 lease_until = now() + make_interval(secs => $3::bigint / 1000.0), updated_at = now(),
                 attempts = o.attempts + 1
-            from current c
+            from current c join input i on i.id = c.id
             where o.id = c.id
               and (c.status = 'PENDING' or (c.status = 'PROCESSING' and o.lease_until < now()))
               and o.parked_at is null and o.attempts < $4
-            returning o.id, c.status as previous
+            returning o.id, i.token, c.status as previous
         ), logged as (
             insert into order_status_history (order_id, status, changed_by)
-            select id, 'PROCESSING', $2 from claimed
+            select id, 'PROCESSING', token from claimed
         )
-        select previous as "previous!: OrderStatus" from claimed
+        select token as "token!", previous as "previous!: OrderStatus" from claimed
         "#,
-        id as OrderId,
-        token,
+        &ids[..],
+        &tokens[..],
         lease_ms,
         max_attempts,
     )
-    .fetch_optional(executor)
+    .fetch_all(executor)
     .await?;
-    Ok(previous.map(|previous| Claim {
-        token: token.to_owned(),
-        previous,
-    }))
+    Ok(claimed
+        .into_iter()
+        .map(|row| (row.token, row.previous))
+        .collect())
 }
 
-/// Moves an order `PROCESSING → COMPLETED`, only if `claim` still holds it. False when another worker took it
+/// Moves each order `PROCESSING → COMPLETED` if its token still holds it, in one statement and one commit for
+/// the whole batch. Returns the tokens whose order was completed: for the others, another worker took the order
 /// over in the meantime, or it is no longer processing.
 pub async fn complete_processing(
     executor: impl PgExecutor<'_>,
-    id: OrderId,
-    claim: &Claim,
-) -> sqlx::Result<bool> {
-    let done = sqlx::query_scalar!(
+    attempts: &[Attempt],
+) -> sqlx::Result<Vec<String>> {
+    let (ids, tokens) = split(attempts);
+    sqlx::query_scalar!(
         r#"
-        with completed as (
-            update orders
+        with input as (
+            select * from unnest($1::uuid[], $2::text[]) as t(id, token)
+        ), completed as (
+            update orders o
             set status = 'COMPLETED', locked_by = null, lease_until = null, updated_at = now()
-            where id = $1 and status = 'PROCESSING' and locked_by = $2
-            returning id
+            from input i
+            where o.id = i.id and o.status = 'PROCESSING' and o.locked_by = i.token
+            returning o.id, i.token
         ), logged as (
             insert into order_status_history (order_id, status, changed_by)
-            select id, 'COMPLETED', $2 from completed
+            select id, 'COMPLETED', token from completed
         )
-        select count(*) as "count!" from completed
+        select token as "token!" from completed
         "#,
-        id as OrderId,
-        claim.token,
+        &ids[..],
+        &tokens[..],
     )
-    .fetch_one(executor)
-    .await?;
-    Ok(done == 1)
+    .fetch_all(executor)
+    .await
+}
+
+/// The ids and the tokens of a batch, as the two arrays its statement unnests.
+fn split(attempts: &[Attempt]) -> (Vec<uuid::Uuid>, Vec<String>) {
+    attempts
+        .iter()
+        .map(|attempt| (attempt.id.0, attempt.token.clone()))
+        .unzip()
 }
 
 /// The current status of an order, whoever owns it (for the worker's logs).

@@ -148,3 +148,88 @@ async fn a_lease_too_short_for_the_stage_delay_is_refused(_db: PgPool) {
     settings.order_lease_ms = 4001;
     assert!(settings.validate().is_ok());
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_batch_claims_each_order_once_even_when_it_holds_two_attempts_at_one(db: PgPool) {
+    use orders_core::db::orders::{self as db, Attempt};
+    let ids = new_orders(&db, 3).await;
+    let attempt = |i: usize, token: &str| Attempt {
+        id: ids[i],
+        token: token.to_owned(),
+    };
+    // ids[0] twice (two deliveries of one job met in one batch), ids[1] once; ids[2] is cancelled.
+    sqlx::query("update orders set status = 'CANCELLED' where id = $1")
+        .bind(ids[2].0)
+        .execute(&db)
+        .await
+        .unwrap();
+    let batch = [
+        attempt(0, "w/a"),
+        attempt(1, "w/b"),
+        attempt(0, "w/c"),
+        attempt(2, "w/d"),
+    ];
+    let claimed = db::claim_for_processing(&db, &batch, Duration::from_secs(10), 5)
+        .await
+        .unwrap();
+    let tokens: Vec<&str> = claimed.iter().map(|(token, _)| token.as_str()).collect();
+    assert_eq!(claimed.len(), 2, "{tokens:?}");
+    assert!(tokens.contains(&"w/b"));
+    assert!(
+        tokens.contains(&"w/a") != tokens.contains(&"w/c"),
+        "exactly one attempt at ids[0] wins: {tokens:?}"
+    );
+    assert!(
+        claimed
+            .iter()
+            .all(|(_, previous)| *previous == OrderStatus::Pending)
+    );
+    assert_eq!(status_of(&db, ids[2]).await, OrderStatus::Cancelled);
+
+    // Completing with every token: only the winners' complete, each order once.
+    let completed = db::complete_processing(&db, &batch).await.unwrap();
+    let mut completed: Vec<&str> = completed.iter().map(String::as_str).collect();
+    completed.sort_unstable();
+    let mut winners = tokens.clone();
+    winners.sort_unstable();
+    assert_eq!(completed, winners);
+    for status in ["PROCESSING", "COMPLETED"] {
+        let mut counts = transitions(&db, status).await;
+        counts.sort_unstable();
+        let mut expected = vec![(ids[0].0, 1), (ids[1].0, 1), (ids[2].0, 0)];
+        expected.sort_unstable();
+        assert_eq!(counts, expected, "{status}");
+    }
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn many_processors_racing_over_the_same_orders_complete_each_exactly_once(db: PgPool) {
+    // Four workers each get a job for every one of 300 orders, all at once: their claims and completions are
+    // batched (the batches of different workers lock the same rows), and each order still moves once per step.
+    let ids = new_orders(&db, 300).await;
+    let workers: Vec<Processor> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|name| processor(&db, name, Duration::from_secs(10)))
+        .collect();
+    let mut jobs = tokio::task::JoinSet::new();
+    for worker in &workers {
+        for &id in &ids {
+            let worker = worker.clone();
+            jobs.spawn(async move { worker.process(id).await });
+        }
+    }
+    let mut completed = 0;
+    while let Some(outcome) = jobs.join_next().await {
+        match outcome.unwrap().unwrap() {
+            Outcome::Completed => completed += 1,
+            Outcome::Skipped(_) => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(completed, ids.len());
+    let processing = transitions(&db, "PROCESSING").await;
+    let done = transitions(&db, "COMPLETED").await;
+    assert_eq!(processing.len(), ids.len());
+    assert_eq!(done.len(), ids.len());
+    assert!(processing.iter().chain(&done).all(|(_, n)| *n == 1));
+}

@@ -42,6 +42,32 @@ async fn attempts_of(db: &PgPool, id: uuid::Uuid) -> (i32, bool, Option<String>)
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn an_order_that_cannot_be_claimed_costs_the_orders_batched_with_it_nothing(db: PgPool) {
+    // 40 jobs at once share claim statements; one of their orders is refused by PostgreSQL every time.
+    let ids = new_orders(&db, 40).await;
+    break_claims_of(&db, ids[7].0).await;
+    let worker = Processor::new(db.clone(), "w", Duration::from_secs(10), Duration::ZERO)
+        .with_max_attempts(3);
+    let mut jobs = tokio::task::JoinSet::new();
+    for &id in &ids {
+        let worker = worker.clone();
+        jobs.spawn(async move { (id, worker.run_job(id).await) });
+    }
+    while let Some(joined) = jobs.join_next().await {
+        let (id, result) = joined.unwrap();
+        if id == ids[7] {
+            let failure = result.expect_err("the refused order fails");
+            assert!(!failure.parked);
+        } else {
+            assert_eq!(result.unwrap(), Outcome::Completed, "order {id}");
+            assert_eq!(attempts_of(&db, id.0).await, (1, false, None), "order {id}");
+        }
+    }
+    let (attempts, parked, _) = attempts_of(&db, ids[7].0).await;
+    assert_eq!((attempts, parked), (1, false));
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_job_that_always_fails_is_parked_after_its_attempts(db: PgPool) {
     let [id] = new_orders(&db, 1).await[..] else {
         unreachable!()
@@ -52,7 +78,10 @@ async fn a_job_that_always_fails_is_parked_after_its_attempts(db: PgPool) {
     for attempt in 1..=3 {
         let failure = worker.run_job(id).await.expect_err("the claim is refused");
         assert!(
-            matches!(failure.error, ProcessError::Database(_)),
+            matches!(
+                failure.error,
+                ProcessError::Database(_) | ProcessError::Batch(_)
+            ),
             "{failure}"
         );
         assert_eq!(failure.parked, attempt == 3, "attempt {attempt}");

@@ -23,7 +23,7 @@ use crate::helpers::{
 fn drain_settings() -> WorkerSettings {
     let mut settings = fast_settings();
     settings.order_stage_delay_ms = 0;
-    settings.worker_concurrency = 32;
+    settings.worker_concurrency = Some(32);
     settings.reconcile_interval_ms = 500;
     settings.reconcile_redeliver_after_ms = 60_000;
     settings
@@ -255,7 +255,7 @@ async fn a_lost_job_is_pushed_again_while_hundreds_of_others_wait(db: PgPool) {
     }
     // A slow worker: one order at a time, a second per stage, so hundreds wait throughout.
     let mut settings = fast_settings();
-    settings.worker_concurrency = 1;
+    settings.worker_concurrency = Some(1);
     settings.order_stage_delay_ms = 1000;
     settings.order_lease_ms = 5000;
     settings.reconcile_interval_ms = 200;
