@@ -1,16 +1,27 @@
 //! One tracing setup for both binaries: `RUST_LOG` picks what is logged, `LOG_FORMAT` how.
 
-use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 use crate::config::{DEFAULT_LOG_FILTER, LogConfig, LogFormat};
 
 /// Installs the global subscriber. Call once, first thing in `main`; later calls are ignored.
+///
+/// A `RUST_LOG` made only of `target=level` directives (the default is one) is applied as a static [`Targets`]
+/// filter. `EnvFilter`, needed only for span and field directives, takes a lock on every span enter and exit:
+/// measured at about a tenth of the api's CPU on the list path.
 pub fn init(config: &LogConfig) {
-    let (filter, bad_filter) = match EnvFilter::try_new(&config.rust_log) {
-        Ok(filter) => (filter, None),
-        Err(err) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(err)),
+    let (targets, env_filter, bad_filter) = match config.rust_log.parse::<Targets>() {
+        Ok(targets) => (Some(targets), None, None),
+        Err(_) => match EnvFilter::try_new(&config.rust_log) {
+            Ok(filter) => (None, Some(filter), None),
+            Err(err) => (DEFAULT_LOG_FILTER.parse::<Targets>().ok(), None, Some(err)),
+        },
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(targets)
+        .with(env_filter);
     // `try_init` fails only if a subscriber is already set (tests set one per binary): keep the first.
     let _ = match config.log_format {
         LogFormat::Pretty => registry.with(fmt::layer()).try_init(),

@@ -14,6 +14,7 @@ use orders_core::{
     queue::Admission,
 };
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -163,14 +164,18 @@ async fn create_order(
     // From the insert on, the work runs in a task of its own: neither the request timeout nor a client that
     // hangs up can cut it between the commit and the push, and its budget (a pool wait, one statement, one
     // push) is inside the request timeout (see `Config::request_timeout`).
-    let created = tokio::spawn(insert_and_enqueue(
-        state.clone(),
-        user.user_id,
-        product_name.clone(),
-        amount,
-        key.clone(),
-        admission,
-    ));
+    // It keeps the request's span, so its log lines carry the request id.
+    let created = tokio::spawn(
+        insert_and_enqueue(
+            state.clone(),
+            user.user_id,
+            product_name.clone(),
+            amount,
+            key.clone(),
+            admission,
+        )
+        .in_current_span(),
+    );
     let order = match created.await {
         Ok(result) => result?,
         Err(join) => return Err(anyhow::anyhow!("create task failed: {join}").into()),
