@@ -381,13 +381,12 @@ async fn list_my_orders(
     } else {
         None
     };
-    let mut response = JsonResponse(
-        orders
+    let mut response = json_list(
+        &orders
             .into_iter()
             .map(OrderResponse::from)
             .collect::<Vec<_>>(),
-    )
-    .into_response();
+    );
     if let Some(next) = next {
         let status = query
             .status
@@ -402,6 +401,23 @@ async fn list_my_orders(
         }
     }
     Ok(response)
+}
+
+/// A list of orders as a JSON response, written into a buffer sized for it up front (an order takes about 250
+/// bytes; axum's `Json` starts at 128 bytes and reallocates its way up to a page of 50).
+fn json_list(orders: &[OrderResponse]) -> Response {
+    let mut body = Vec::with_capacity(orders.len() * 256 + 2);
+    match serde_json::to_writer(&mut body, orders) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => ApiError::Internal(err.into()).into_response(),
+    }
 }
 
 /// One of my orders.
