@@ -11,6 +11,7 @@ pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod timestamp;
 
 pub use config::Config;
 pub use startup::App;

@@ -64,8 +64,10 @@ pub struct OrderResponse {
     /// `PENDING`, `PROCESSING`, `COMPLETED` or `CANCELLED`.
     pub status: OrderStatus,
     /// When it was created.
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
     /// When its status last changed.
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 
