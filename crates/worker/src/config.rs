@@ -139,8 +139,9 @@ impl WorkerSettings {
     }
 
     /// Jobs processed at once: `WORKER_CONCURRENCY`, or by default what sustains [`DEFAULT_TARGET_RATE`] at the
-    /// stage delay (Little's law: rate × time per job). Measured on 2 cores, one job slot completes about one order
-    /// per (2 × stage + 0.9 s); a fixed large default would only cost memory when stages are short.
+    /// stage delay (Little's law: rate × time per job, with 0.5 s of headroom per job). A job slot completes one
+    /// order per two stages plus a few milliseconds; a fixed large default would only cost memory when stages are
+    /// short.
     pub fn concurrency(&self) -> u16 {
         self.worker_concurrency.unwrap_or_else(|| {
             let per_job_ms = self
