@@ -58,8 +58,13 @@ pub struct Config {
     #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub login_max_failures: u32,
 
-    /// Take the client's address for rate limiting from the rightmost X-Forwarded-For entry. Only behind a
-    /// reverse proxy you control, which appends the address it saw; otherwise clients could pick their own.
+    /// How many reverse proxies you control sit in front of the api, each appending the address it saw to
+    /// X-Forwarded-For: the client is then the Nth entry from the right (0: the header is ignored and the peer
+    /// address counts). Never more than the proxies really there, or clients could pick their own address.
+    #[arg(long, env = "TRUST_PROXY_HOPS", value_parser = clap::value_parser!(u8).range(0..=16))]
+    pub trust_proxy_hops: Option<u8>,
+
+    /// Older form of TRUST_PROXY_HOPS=1 (true) or 0 (false); TRUST_PROXY_HOPS wins when both are set.
     #[arg(long, env = "TRUST_PROXY_HEADERS", default_value_t = false, value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub trust_proxy_headers: bool,
 
@@ -214,6 +219,13 @@ impl Config {
         Duration::from_secs(self.session_max_days * 24 * 60 * 60)
     }
 
+    /// How many trusted proxies append to X-Forwarded-For: `TRUST_PROXY_HOPS`, else 1 for
+    /// `TRUST_PROXY_HEADERS=true`, else 0.
+    pub fn proxy_hops(&self) -> u8 {
+        self.trust_proxy_hops
+            .unwrap_or(u8::from(self.trust_proxy_headers))
+    }
+
     /// How long a request may take before it is answered 503. It covers the longest path that commits something
     /// and must then answer with it, a create: reading the queue's room, a wait for a connection, the insert
     /// (one statement), then the push. A create that committed is therefore answered 201, never 503.
@@ -240,9 +252,34 @@ impl std::fmt::Debug for Config {
                 &self.jwt_secret.as_ref().map(|_| "[redacted]"),
             )
             .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("trust_proxy_hops", &self.trust_proxy_hops)
             .field("trust_proxy_headers", &self.trust_proxy_headers)
             .field("with_worker", &self.with_worker)
             .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Config;
+
+    fn hops(args: &[&str]) -> u8 {
+        let mut argv = vec!["api", "--jwt-secret", "a-test-secret-of-thirty-two-bytes"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap().proxy_hops()
+    }
+
+    #[test]
+    fn trust_proxy_hops_wins_over_the_older_boolean() {
+        assert_eq!(hops(&[]), 0);
+        assert_eq!(hops(&["--trust-proxy-headers", "true"]), 1);
+        assert_eq!(hops(&["--trust-proxy-hops", "2"]), 2);
+        assert_eq!(
+            hops(&["--trust-proxy-headers", "true", "--trust-proxy-hops", "0"]),
+            0
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Per-route rate limits (tower_governor): a burst of N, refilled at N per minute, per client.
 //!
-//! The client is the socket's peer address. `X-Forwarded-For` counts only when the operator says a proxy they
-//! control sits in front (`TRUST_PROXY_HEADERS=true`), and then only its rightmost entry, the one that proxy
-//! appended: entries to its left are whatever the client chose to send. IPv6 clients are keyed by their /64,
-//! since one host usually owns a whole /64.
+//! The client is the socket's peer address. `X-Forwarded-For` counts only when the operator says how many
+//! proxies they control sit in front (`TRUST_PROXY_HOPS=N`): each appends the address it saw, so the client is
+//! the Nth entry from the right, and entries to its left are whatever the client chose to send. A request with
+//! fewer entries did not come through all N proxies, and counts by its peer address. IPv6 clients are keyed by
+//! their /64, since one host usually owns a whole /64.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -30,18 +31,15 @@ use crate::error::{ApiError, ErrorBody};
 /// Finds the client a request counts against.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientKey {
-    /// Honour the rightmost `X-Forwarded-For` entry.
-    pub trust_proxy_headers: bool,
+    /// How many trusted proxies append to `X-Forwarded-For` (0: the header is ignored).
+    pub trust_proxy_hops: u8,
 }
 
 impl KeyExtractor for ClientKey {
     type Key = IpAddr;
 
     fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
-        let forwarded = self
-            .trust_proxy_headers
-            .then(|| rightmost_forwarded_for(req.headers()))
-            .flatten();
+        let forwarded = forwarded_for(req.headers(), self.trust_proxy_hops);
         let peer = || {
             req.extensions()
                 .get::<ConnectInfo<SocketAddr>>()
@@ -54,14 +52,21 @@ impl KeyExtractor for ClientKey {
     }
 }
 
-/// The last address in the last `X-Forwarded-For` header.
-fn rightmost_forwarded_for(headers: &axum::http::HeaderMap) -> Option<IpAddr> {
-    let last_header = headers.get_all("x-forwarded-for").iter().next_back()?;
-    let last_entry = last_header.to_str().ok()?.rsplit(',').next()?.trim();
-    last_entry
+/// The `hops`th address from the right of all `X-Forwarded-For` headers taken as one list (headers in order,
+/// entries in order); `None` for 0 hops, a shorter list, or an entry that is not an address.
+fn forwarded_for(headers: &axum::http::HeaderMap, hops: u8) -> Option<IpAddr> {
+    let hops = usize::from(hops).checked_sub(1)?;
+    let entry = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .rev()
+        .flat_map(|value| value.to_str().unwrap_or("").rsplit(','))
+        .nth(hops)?
+        .trim();
+    entry
         .parse::<IpAddr>()
         .ok()
-        .or_else(|| last_entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// IPv4 as is (and IPv4-mapped IPv6 as IPv4); IPv6 by its /64.
@@ -175,38 +180,47 @@ mod tests {
         req
     }
 
-    #[test]
-    fn without_trust_the_peer_address_counts() {
-        let key = ClientKey {
-            trust_proxy_headers: false,
-        };
-        assert_eq!(
-            key.extract(&request(&["1.2.3.4"])).unwrap(),
-            IpAddr::from([10, 0, 0, 1])
-        );
+    fn client(hops: u8, xff: &[&str]) -> IpAddr {
+        ClientKey {
+            trust_proxy_hops: hops,
+        }
+        .extract(&request(xff))
+        .unwrap()
     }
 
     #[test]
-    fn with_trust_only_the_rightmost_entry_counts() {
-        let key = ClientKey {
-            trust_proxy_headers: true,
-        };
+    fn without_trusted_proxies_the_peer_address_counts() {
+        assert_eq!(client(0, &["1.2.3.4"]), IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn behind_one_proxy_the_rightmost_entry_counts() {
+        assert_eq!(client(1, &["6.6.6.6, 1.2.3.4"]), IpAddr::from([1, 2, 3, 4]));
         assert_eq!(
-            key.extract(&request(&["6.6.6.6, 1.2.3.4"])).unwrap(),
-            IpAddr::from([1, 2, 3, 4])
-        );
-        assert_eq!(
-            key.extract(&request(&["6.6.6.6", "5.5.5.5"])).unwrap(),
+            client(1, &["6.6.6.6", "5.5.5.5"]),
             IpAddr::from([5, 5, 5, 5])
         );
         assert_eq!(
-            key.extract(&request(&["1.2.3.4, garbage"])).unwrap(),
+            client(1, &["1.2.3.4, garbage"]),
             IpAddr::from([10, 0, 0, 1])
         );
+        assert_eq!(client(1, &[]), IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn behind_two_proxies_the_second_entry_from_the_right_counts() {
+        // forged, the client (appended by the outer proxy), the outer proxy (appended by the inner one)
         assert_eq!(
-            key.extract(&request(&[])).unwrap(),
-            IpAddr::from([10, 0, 0, 1])
+            client(2, &["6.6.6.6, 1.2.3.4, 10.1.1.1"]),
+            IpAddr::from([1, 2, 3, 4])
         );
+        // The same list split over two headers, and an address with a port.
+        assert_eq!(
+            client(2, &["6.6.6.6, 1.2.3.4:5555", "10.1.1.1"]),
+            IpAddr::from([1, 2, 3, 4])
+        );
+        // Fewer entries than proxies: the request did not come through both, so its peer counts.
+        assert_eq!(client(2, &["1.2.3.4"]), IpAddr::from([10, 0, 0, 1]));
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let per_route = RouteLimits {
         enabled: config.rate_limits.rate_limit_enabled,
         key: ClientKey {
-            trust_proxy_headers: config.trust_proxy_headers,
+            trust_proxy_hops: config.proxy_hops(),
         },
     };
     let request_timeout = config.request_timeout();

@@ -120,7 +120,7 @@ async fn a_forged_forwarded_for_does_not_reset_the_count(pool: PgPool) {
 async fn behind_a_trusted_proxy_the_rightmost_forwarded_address_is_the_client(pool: PgPool) {
     let app = TestApp::spawn_with(pool, |config| {
         limited(config);
-        config.trust_proxy_headers = true;
+        config.trust_proxy_hops = Some(1);
     })
     .await;
     for i in 0..5 {
@@ -135,6 +135,34 @@ async fn behind_a_trusted_proxy_the_rightmost_forwarded_address_is_the_client(po
     );
     assert_eq!(
         login_from(&app, Some("203.0.113.2")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn behind_two_trusted_proxies_the_second_forwarded_address_from_the_right_is_the_client(
+    pool: PgPool,
+) {
+    let app = TestApp::spawn_with(pool, |config| {
+        limited(config);
+        config.trust_proxy_hops = Some(2);
+    })
+    .await;
+    for i in 0..5 {
+        // Forged entries, then the client (appended by the outer proxy), then the outer proxy (by the inner one).
+        login_from(&app, Some(&format!("10.9.9.{i}, 203.0.113.1, 192.0.2.{i}"))).await;
+    }
+    assert_eq!(
+        login_from(&app, Some("10.0.0.1, 203.0.113.1, 192.0.2.9"))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same proxies has its own budget.
+    assert_eq!(
+        login_from(&app, Some("203.0.113.2, 192.0.2.1"))
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
 }
