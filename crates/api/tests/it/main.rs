@@ -12,6 +12,5 @@ mod observability;
 mod openapi;
 mod orders;
 mod rate_limits;
-mod tls;
 mod validation;
 mod worker;
