@@ -212,24 +212,21 @@ impl Processor {
         claimed: &AtomicBool,
     ) -> Result<Outcome, ProcessError> {
         // The look before the first stage spares a finished order its wait; with no wait, the claim alone decides.
-        let status = if self.stage_delay.is_zero() {
-            Some(OrderStatus::Pending)
-        } else {
-            db::order_status(&self.db, id).await?
-        };
-        match status {
-            None => return Err(ProcessError::OrderMissing(id)),
-            Some(status @ (OrderStatus::Completed | OrderStatus::Cancelled)) => {
-                tracing::info!(order_id = %id, status = status.as_str(), "nothing to do for this order");
-                return Ok(Outcome::Skipped(status));
+        if !self.stage_delay.is_zero() {
+            match db::order_status(&self.db, id).await? {
+                None => return Err(ProcessError::OrderMissing(id)),
+                Some(status @ (OrderStatus::Completed | OrderStatus::Cancelled)) => {
+                    tracing::info!(order_id = %id, status = status.as_str(), "nothing to do for this order");
+                    return Ok(Outcome::Skipped(status));
+                }
+                // A duplicate job (the reconciler re-pushes by age) for an order another worker is on: skip it now
+                // rather than hold a slot through a stage only to find the lease taken.
+                Some(OrderStatus::Processing) if db::is_leased(&self.db, id).await? => {
+                    tracing::info!(order_id = %id, "order held by another worker's live lease; nothing to do");
+                    return Ok(Outcome::Skipped(OrderStatus::Processing));
+                }
+                Some(OrderStatus::Pending | OrderStatus::Processing) => {}
             }
-            // A duplicate job (the reconciler re-pushes by age) for an order another worker is on: skip it now
-            // rather than hold a slot through a stage only to find the lease taken.
-            Some(OrderStatus::Processing) if db::is_leased(&self.db, id).await? => {
-                tracing::info!(order_id = %id, "order held by another worker's live lease; nothing to do");
-                return Ok(Outcome::Skipped(OrderStatus::Processing));
-            }
-            Some(OrderStatus::Pending | OrderStatus::Processing) => {}
         }
         tokio::time::sleep(self.stage_delay).await;
         let claim = match self.claim(id).await? {
@@ -255,9 +252,16 @@ impl Processor {
     }
 }
 
-/// How many batched statements of one kind may run at once: as many as the pool has connections.
-fn statement_slots(db: &PgPool) -> usize {
-    usize::try_from(db.options().get_max_connections()).unwrap_or(1)
+/// A batcher of attempts over `db`, running at most as many statements at once as the pool has connections.
+fn batcher<O, F, Fut>(db: &PgPool, run: F) -> Batcher<Attempt, O>
+where
+    O: Send + 'static,
+    F: Fn(PgPool, Vec<Attempt>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = sqlx::Result<Vec<O>>> + Send + 'static,
+{
+    let slots = usize::try_from(db.options().get_max_connections()).unwrap_or(1);
+    let db = db.clone();
+    Batcher::spawn(MAX_BATCH, slots, move |batch| run(db.clone(), batch))
 }
 
 /// Claims in batches: each attempt gets its order's previous status if its token won the order.
@@ -266,45 +270,29 @@ fn claim_batcher(
     lease: Duration,
     max_attempts: i32,
 ) -> Batcher<Attempt, Option<OrderStatus>> {
-    let db = db.clone();
-    Batcher::spawn(
-        MAX_BATCH,
-        statement_slots(&db),
-        move |batch: Vec<Attempt>| {
-            let db = db.clone();
-            async move {
-                let claimed = db::claim_for_processing(&db, &batch, lease, max_attempts).await?;
-                Ok(batch
+    batcher(db, move |db, batch| async move {
+        let claimed = db::claim_for_processing(&db, &batch, lease, max_attempts).await?;
+        Ok(batch
+            .iter()
+            .map(|attempt| {
+                claimed
                     .iter()
-                    .map(|attempt| {
-                        claimed
-                            .iter()
-                            .find(|(token, _)| *token == attempt.token)
-                            .map(|(_, previous)| *previous)
-                    })
-                    .collect())
-            }
-        },
-    )
+                    .find(|(token, _)| *token == attempt.token)
+                    .map(|(_, previous)| *previous)
+            })
+            .collect())
+    })
 }
 
 /// Completions in batches: each attempt learns whether its token still held the order.
 fn completion_batcher(db: &PgPool) -> Batcher<Attempt, bool> {
-    let db = db.clone();
-    Batcher::spawn(
-        MAX_BATCH,
-        statement_slots(&db),
-        move |batch: Vec<Attempt>| {
-            let db = db.clone();
-            async move {
-                let completed = db::complete_processing(&db, &batch).await?;
-                Ok(batch
-                    .iter()
-                    .map(|attempt| completed.contains(&attempt.token))
-                    .collect())
-            }
-        },
-    )
+    batcher(db, |db, batch| async move {
+        let completed = db::complete_processing(&db, &batch).await?;
+        Ok(batch
+            .iter()
+            .map(|attempt| completed.contains(&attempt.token))
+            .collect())
+    })
 }
 
 /// The text of a panic's payload.
