@@ -6,6 +6,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use orders_core::db::batch::BatchError;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -125,6 +126,16 @@ impl From<sqlx::Error> for ApiError {
             Self::Unavailable(err.to_string())
         } else {
             Self::Internal(err.into())
+        }
+    }
+}
+
+impl From<BatchError> for ApiError {
+    fn from(err: BatchError) -> Self {
+        match err {
+            BatchError::Database(err) if is_unavailable(&err) => Self::Unavailable(err.to_string()),
+            BatchError::Database(err) => Self::Internal(err.into()),
+            BatchError::Abandoned => Self::Internal(err.into()),
         }
     }
 }

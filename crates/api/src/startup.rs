@@ -78,8 +78,16 @@ impl App {
         orders_core::telemetry::prometheus();
         crate::metrics::register();
         let gauges = Arc::new(BacklogGauges::new(db.clone(), queue.clone()));
+        // Half the pool at most for inserts, so that reads are never starved of connections by creates.
+        let create_slots = (db.options().get_max_connections() as usize / 2).max(1);
         let state = AppState {
             db: db.clone(),
+            creates: crate::routes::orders::create_batcher(
+                db.clone(),
+                queue.clone(),
+                config.enqueue_timeout(),
+                create_slots,
+            ),
             queue,
             jwt: Arc::new(JwtKeys::new(
                 config.jwt_secret()?.expose_secret().as_bytes(),

@@ -2,8 +2,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use orders_core::queue::OrderQueue;
+use orders_core::{
+    db::{batch::Batcher, orders::NewOrder},
+    domain::Order,
+    queue::OrderQueue,
+};
 use sqlx::PgPool;
+use tracing::Span;
 
 use crate::auth::{jwt::JwtKeys, password::PasswordHasher};
 
@@ -14,6 +19,8 @@ pub struct AppState {
     pub db: PgPool,
     /// The Redis job queue the worker consumes.
     pub queue: OrderQueue,
+    /// Inserts and queues new orders in batches (see `routes::orders::create_batcher`).
+    pub creates: Batcher<(NewOrder, Span), Option<Order>>,
     /// Token signing and verification.
     pub jwt: Arc<JwtKeys>,
     /// Argon2id, off the runtime.

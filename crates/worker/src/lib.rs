@@ -7,7 +7,6 @@
 //! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind. Each consumer generation that
 //! stops (a Redis error, or shutdown) is unregistered at once, and the janitor sweeps up after killed processes.
 
-pub mod batch;
 pub mod config;
 pub mod janitor;
 pub mod outage;

@@ -15,7 +15,7 @@ use orders_core::{
     domain::{OrderId, OrderStatus},
 };
 
-use crate::batch::{BatchError, Batcher};
+use orders_core::db::batch::{BatchError, Batcher};
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -8,13 +8,19 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Datelike, Utc};
+use std::time::Duration;
+
 use orders_core::{
-    db::orders::{self as db, CancelError, NewOrder, OrderCursor},
-    domain::{Amount, IdempotencyKey, Order, OrderId, OrderStatus, ProductName, UserId},
-    queue::Admission,
+    db::{
+        batch::{BatchError, Batcher},
+        orders::{self as db, CancelError, NewOrder, OrderCursor},
+    },
+    domain::{Amount, Order, OrderId, OrderStatus, ProductName},
+    queue::{Admission, OrderQueue},
 };
 use serde::{Deserialize, Serialize};
-use tracing::Instrument as _;
+use sqlx::PgPool;
+use tracing::Span;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -163,25 +169,29 @@ async fn create_order(
             Admission::Deferred
         }
     };
-    // From the insert on, the work runs in a task of its own: neither the request timeout nor a client that
-    // hangs up can cut it between the commit and the push, and its budget (a pool wait, one statement, one
+    // From the insert on, the work runs in the create batcher's task: neither the request timeout nor a client
+    // that hangs up can cut it between the commit and the push, and its budget (a pool wait, one statement, one
     // push) is inside the request timeout (see `Config::request_timeout`).
-    // It keeps the request's span, so its log lines carry the request id.
-    let created = tokio::spawn(
-        insert_and_enqueue(
-            state.clone(),
-            user.user_id,
-            product_name.clone(),
-            amount,
-            key.clone(),
-            admission,
-        )
-        .in_current_span(),
+    let new = NewOrder::new(
+        user.user_id,
+        product_name.clone(),
+        amount,
+        key.clone(),
+        admission == Admission::Pushed,
     );
-    let order = match created.await {
-        Ok(result) => result?,
-        Err(join) => return Err(anyhow::anyhow!("create task failed: {join}").into()),
-    };
+    // The batch logs "order created" in the request's span, so the line carries the request id.
+    let order = state
+        .creates
+        .run((new, tracing::Span::current()))
+        .await
+        .map_err(|err| match err {
+            BatchError::Database(db)
+                if orders_core::db::is_constraint_violation(&db, "orders_user_id_fkey") =>
+            {
+                ApiError::Unauthorized(USER_GONE)
+            }
+            err => err.into(),
+        })?;
     let Some(order) = order else {
         // The key was used before (or by a concurrent request that won the race).
         let key = key
@@ -204,50 +214,55 @@ async fn create_order(
         .into_response())
 }
 
-/// Inserts the order and, if it was admitted, pushes its job. Once the insert has committed nothing fails: a
-/// failed push forgets `enqueued_at` (in the background, bounded), and the reconciler queues the order.
-async fn insert_and_enqueue(
-    state: AppState,
-    user_id: UserId,
-    product_name: ProductName,
-    amount: Amount,
-    key: Option<IdempotencyKey>,
-    admission: Admission,
-) -> ApiResult<Option<Order>> {
-    let pushed = admission == Admission::Pushed;
-    let new = NewOrder {
-        user_id,
-        product_name: &product_name,
-        amount,
-        idempotency_key: key.as_ref(),
-        enqueued: pushed,
-    };
-    let inserted = db::insert_order(&state.db, &new).await.map_err(|err| {
-        if orders_core::db::is_constraint_violation(&err, "orders_user_id_fkey") {
-            ApiError::Unauthorized(USER_GONE)
-        } else {
-            err.into()
-        }
-    })?;
-    let Some(order) = inserted else {
-        return Ok(None);
-    };
-    metrics::counter!("orders_created_total").increment(1);
-    tracing::info!(order_id = %order.id, %user_id, "order created");
-    if !pushed {
-        metrics::counter!("orders_deferred_total").increment(1);
-        tracing::debug!(order_id = %order.id, "queue full or backlog waiting: the reconciler will queue the order");
-    } else if let Err(err) = state.queue.push(order.id, state.enqueue_timeout).await {
-        tracing::warn!(order_id = %order.id, error = %err, "could not queue the order; the reconciler will");
-        let (db, id) = (state.db.clone(), order.id);
-        tokio::spawn(async move {
-            // Without this the reconciler still re-pushes the order, RECONCILE_REDELIVER_AFTER_MS later.
-            if let Err(err) = db::clear_enqueued(&db, &[id]).await {
-                tracing::debug!(order_id = %id, error = %err, "cannot clear enqueued_at; the order is re-pushed by age");
+/// Most orders one statement inserts.
+const MAX_CREATE_BATCH: usize = 64;
+
+/// Group commit for creates: the orders of concurrent requests are inserted with one statement and one commit,
+/// then the jobs of those admitted to the queue are pushed in one round trip. A lone request is not delayed: a
+/// batch is whatever waits when one of `slots` statement slots is free. A batch that fails is retried order by
+/// order, so that a bad row (a deleted user) fails only its own request.
+///
+/// Once the insert has committed nothing fails: a failed push forgets `enqueued_at` (in the background,
+/// bounded), and the reconciler queues those orders.
+pub fn create_batcher(
+    db: PgPool,
+    queue: OrderQueue,
+    enqueue_timeout: Duration,
+    slots: usize,
+) -> Batcher<(NewOrder, Span), Option<Order>> {
+    Batcher::spawn(
+        MAX_CREATE_BATCH,
+        slots,
+        move |batch: Vec<(NewOrder, Span)>| {
+            let (db, queue) = (db.clone(), queue.clone());
+            async move {
+                let (orders, spans): (Vec<NewOrder>, Vec<Span>) = batch.into_iter().unzip();
+                let inserted = db::insert_orders(&db, &orders).await?;
+                let mut pushed = Vec::with_capacity(orders.len());
+                for ((new, span), order) in orders.iter().zip(&spans).zip(&inserted) {
+                    let Some(order) = order else { continue };
+                    metrics::counter!("orders_created_total").increment(1);
+                    span.in_scope(|| tracing::info!(order_id = %order.id, user_id = %order.user_id, "order created"));
+                    if new.enqueued {
+                        pushed.push(order.id);
+                    } else {
+                        metrics::counter!("orders_deferred_total").increment(1);
+                        tracing::debug!(order_id = %order.id, "queue full or backlog waiting: the reconciler will queue the order");
+                    }
+                }
+                if let Err(err) = queue.push_orders(&pushed, enqueue_timeout).await {
+                    tracing::warn!(orders = pushed.len(), error = %err, "could not queue new orders; the reconciler will");
+                    tokio::spawn(async move {
+                        // Without this the reconciler still re-pushes them, RECONCILE_REDELIVER_AFTER_MS later.
+                        if let Err(err) = db::clear_enqueued(&db, &pushed).await {
+                            tracing::debug!(error = %err, "cannot clear enqueued_at; the orders are re-pushed by age");
+                        }
+                    });
+                }
+                Ok(inserted)
             }
-        });
-    }
-    Ok(Some(order))
+        },
+    )
 }
 
 const USER_GONE: &str = "User no longer exists";

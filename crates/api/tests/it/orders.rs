@@ -433,3 +433,162 @@ async fn health_endpoints_and_docs_answer(pool: PgPool) {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     assert_eq!(json(unknown).await, json!({"detail": "Not Found"}));
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_batch_insert_answers_each_order_and_skips_repeated_keys(pool: PgPool) {
+    use orders_core::{
+        db::orders::{NewOrder, insert_order, insert_orders},
+        domain::{Amount, IdempotencyKey, ProductName, UserId},
+    };
+    let app = TestApp::spawn(pool).await;
+    let tokens = app.new_user().await;
+    let me = json(app.get(&tokens.access, "/auth/me").await).await;
+    let user = UserId(me["id"].as_str().unwrap().parse().unwrap());
+    let name = |s: &str| ProductName::parse(s).unwrap();
+    let amount = Amount::parse_json_number("5.25").unwrap();
+    let key = |k: &str| Some(IdempotencyKey::parse(k).unwrap());
+    let earlier = insert_order(
+        &app.db,
+        &NewOrder::new(user, name("Earlier"), amount, key("taken"), false),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let batch = vec![
+        NewOrder::new(user, name("A"), amount, key("k1"), true),
+        NewOrder::new(user, name("B"), amount, None, false),
+        NewOrder::new(user, name("C"), amount, key("k1"), true),
+        NewOrder::new(user, name("D"), amount, key("taken"), true),
+        NewOrder::new(user, name("E"), amount, None, true),
+    ];
+    let answers = insert_orders(&app.db, &batch).await.unwrap();
+    let names: Vec<Option<&str>> = answers
+        .iter()
+        .map(|order| order.as_ref().map(|order| order.product_name.as_str()))
+        .collect();
+    // The first of two orders with one key wins; a key used before wins nothing.
+    assert_eq!(names, [Some("A"), Some("B"), None, None, Some("E")]);
+    for (new, answer) in batch.iter().zip(&answers) {
+        if let Some(order) = answer {
+            assert_eq!(order.id, new.id);
+            assert_eq!(order.user_id, user);
+            assert_eq!(order.amount, amount.value());
+        }
+    }
+    // One statement, one transaction: the batch shares its creation time.
+    let created: Vec<_> = answers.iter().flatten().map(|o| o.created_at).collect();
+    assert!(created.iter().all(|at| *at == created[0]));
+    assert!(created[0] > earlier.created_at);
+    let rows: Vec<(String, Option<String>, bool)> = sqlx::query_as(
+        "select product_name, idempotency_key, enqueued_at is not null from orders order by product_name",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("A".to_owned(), Some("k1".to_owned()), true),
+            ("B".to_owned(), None, false),
+            ("E".to_owned(), None, true),
+            ("Earlier".to_owned(), Some("taken".to_owned()), false),
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn concurrent_creates_share_a_statement_and_a_gone_user_fails_only_its_own(pool: PgPool) {
+    // A pool of 2: one statement slot for creates, so that requests queue behind a blocked insert.
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let app = TestApp::spawn(small).await;
+    let alive = app.new_user().await;
+    let gone = app.new_user().await;
+    let gone_id: Uuid = json(app.get(&gone.access, "/auth/me").await).await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    sqlx::query("delete from users where id = $1")
+        .bind(gone_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Hold the inserts: the first one blocks in the statement slot, the others wait in the batcher.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("lock table orders in exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let body = widget();
+    let requests = join_all((0..30).map(|i| {
+        let token = if i % 10 == 0 {
+            &gone.access
+        } else {
+            &alive.access
+        };
+        app.create_order(token, &body)
+    }));
+    let release = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and query like '%insert into orders%'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if blocked > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Time for the other requests to reach the batcher (each needs only its token checked).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lock.rollback().await.unwrap();
+    };
+    let (responses, ()) = tokio::join!(requests, release);
+
+    let mut created = Vec::new();
+    for (i, response) in responses.into_iter().enumerate() {
+        if i % 10 == 0 {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "request {i}");
+        } else {
+            assert_eq!(response.status(), StatusCode::CREATED, "request {i}");
+            created.push(json(response).await["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(app.count("orders").await, 27);
+    let mut queued = app.queued_order_ids();
+    queued.sort();
+    created.sort();
+    assert_eq!(queued, created, "each created order queued exactly once");
+    // The batch behind the blocked insert failed on the gone user's rows and was retried order by order, so
+    // every order got one statement of its own; without the gone user the batch is one statement.
+    let responses = {
+        let mut lock = pool.begin().await.unwrap();
+        sqlx::query("lock table orders in exclusive mode")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let requests = join_all((0..20).map(|_| app.create_order(&alive.access, &body)));
+        let release = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            lock.rollback().await.unwrap();
+        };
+        tokio::join!(requests, release).0
+    };
+    assert!(responses.iter().all(|r| r.status() == StatusCode::CREATED));
+    let batches: i64 = sqlx::query_scalar(
+        "select count(distinct created_at) from orders where created_at > (select max(created_at) from orders where id = any($1::uuid[]))",
+    )
+    .bind(created.iter().map(|id| id.parse::<Uuid>().unwrap()).collect::<Vec<_>>())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(batches <= 2, "20 creates took {batches} statements");
+}

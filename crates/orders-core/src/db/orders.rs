@@ -8,44 +8,107 @@ use crate::domain::{Amount, IdempotencyKey, Order, OrderId, OrderStatus, Product
 
 /// An order about to be created.
 #[derive(Debug, Clone)]
-pub struct NewOrder<'a> {
+pub struct NewOrder {
+    /// Its id, chosen before the insert so that a batch's answers can be matched to its requests.
+    pub id: OrderId,
     /// Its owner.
     pub user_id: UserId,
     /// What is ordered.
-    pub product_name: &'a ProductName,
+    pub product_name: ProductName,
     /// How much.
     pub amount: Amount,
     /// The client's `Idempotency-Key`, if it sent one.
-    pub idempotency_key: Option<&'a IdempotencyKey>,
+    pub idempotency_key: Option<IdempotencyKey>,
     /// Whether its job is pushed right after the insert: `enqueued_at` is then set by the insert itself (one
     /// commit per create), and cleared with [`clear_enqueued`] only if the push fails.
     pub enqueued: bool,
+}
+
+impl NewOrder {
+    /// A new order with a fresh id.
+    pub fn new(
+        user_id: UserId,
+        product_name: ProductName,
+        amount: Amount,
+        idempotency_key: Option<IdempotencyKey>,
+        enqueued: bool,
+    ) -> Self {
+        Self {
+            id: OrderId::new(),
+            user_id,
+            product_name,
+            amount,
+            idempotency_key,
+            enqueued,
+        }
+    }
 }
 
 /// Inserts a `PENDING` order. Returns `None` when this user already has an order with the same idempotency
 /// key; with concurrent requests the unique index makes all but one of them land here.
 pub async fn insert_order(
     executor: impl PgExecutor<'_>,
-    new: &NewOrder<'_>,
+    new: &NewOrder,
 ) -> sqlx::Result<Option<Order>> {
-    sqlx::query_as!(
+    Ok(insert_orders(executor, std::slice::from_ref(new))
+        .await?
+        .pop()
+        .flatten())
+}
+
+/// Inserts `PENDING` orders in one statement and one commit, and answers for each in turn: the order, or
+/// `None` when its user already has an order with its idempotency key (an earlier one, or one before it in
+/// the same batch). Rows are inserted in `(user_id, idempotency_key)` order, so that two batches racing for
+/// the same keys wait for each other instead of deadlocking.
+pub async fn insert_orders(
+    executor: impl PgExecutor<'_>,
+    orders: &[NewOrder],
+) -> sqlx::Result<Vec<Option<Order>>> {
+    let ids: Vec<uuid::Uuid> = orders.iter().map(|new| new.id.0).collect();
+    let users: Vec<uuid::Uuid> = orders.iter().map(|new| new.user_id.0).collect();
+    let names: Vec<String> = orders
+        .iter()
+        .map(|new| new.product_name.as_str().to_owned())
+        .collect();
+    let amounts: Vec<rust_decimal::Decimal> = orders.iter().map(|new| new.amount.value()).collect();
+    // No key is empty (keys are 1–255 characters), so '' stands for "no key" in the array.
+    let keys: Vec<String> = orders
+        .iter()
+        .map(|new| {
+            new.idempotency_key
+                .as_ref()
+                .map_or_else(String::new, |key| key.as_str().to_owned())
+        })
+        .collect();
+    let enqueued: Vec<bool> = orders.iter().map(|new| new.enqueued).collect();
+    let mut inserted = sqlx::query_as!(
         Order,
         r#"
         insert into orders (id, user_id, product_name, amount, idempotency_key, enqueued_at)
-        values ($1, $2, $3, $4, $5, case when $6 then now() end)
+        select id, user_id, product_name, amount, nullif(idempotency_key, ''), case when enqueued then now() end
+        from unnest($1::uuid[], $2::uuid[], $3::text[], $4::numeric[], $5::text[], $6::bool[])
+            as t(id, user_id, product_name, amount, idempotency_key, enqueued)
+        order by user_id, idempotency_key
         on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
         returning id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
                   status as "status: OrderStatus", created_at, updated_at
         "#,
-        OrderId::new() as OrderId,
-        new.user_id as UserId,
-        new.product_name.as_str(),
-        new.amount.value(),
-        new.idempotency_key.map(IdempotencyKey::as_str),
-        new.enqueued,
+        &ids[..],
+        &users[..],
+        &names[..],
+        &amounts[..],
+        &keys[..],
+        &enqueued[..],
     )
-    .fetch_optional(executor)
-    .await
+    .fetch_all(executor)
+    .await?;
+    Ok(orders
+        .iter()
+        .map(|new| {
+            let at = inserted.iter().position(|order| order.id == new.id)?;
+            Some(inserted.swap_remove(at))
+        })
+        .collect())
 }
 
 /// The order this user created with `key`, if any.

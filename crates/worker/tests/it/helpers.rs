@@ -159,13 +159,7 @@ pub async fn new_orders(db: &PgPool, n: usize) -> Vec<OrderId> {
     for _ in 0..n {
         let order = db::insert_order(
             db,
-            &db::NewOrder {
-                user_id: user,
-                product_name: &name,
-                amount,
-                idempotency_key: None,
-                enqueued: false,
-            },
+            &db::NewOrder::new(user, name.clone(), amount, None, false),
         )
         .await
         .unwrap()
