@@ -78,16 +78,18 @@ impl App {
         orders_core::telemetry::prometheus();
         crate::metrics::register();
         let gauges = Arc::new(BacklogGauges::new(db.clone(), queue.clone()));
-        // Half the pool at most for inserts, so that reads are never starved of connections by creates.
-        let create_slots = (db.options().get_max_connections() as usize / 2).max(1);
+        // Half the pool at most for the inserts of creates, and half for the reads of lists, so that neither
+        // starves the other (or the other routes) of connections.
+        let batch_slots = (db.options().get_max_connections() as usize / 2).max(1);
         let state = AppState {
             db: db.clone(),
             creates: crate::routes::orders::create_batcher(
                 db.clone(),
                 queue.clone(),
                 config.enqueue_timeout(),
-                create_slots,
+                batch_slots,
             ),
+            pages: crate::routes::orders::page_batcher(db.clone(), batch_slots),
             queue,
             jwt: Arc::new(JwtKeys::new(
                 config.jwt_secret()?.expose_secret().as_bytes(),

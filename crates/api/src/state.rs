@@ -3,7 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use orders_core::{
-    db::{batch::Batcher, orders::NewOrder},
+    db::{
+        batch::Batcher,
+        orders::{NewOrder, PageRequest},
+    },
     domain::Order,
     queue::OrderQueue,
 };
@@ -21,6 +24,8 @@ pub struct AppState {
     pub queue: OrderQueue,
     /// Inserts and queues new orders in batches (see `routes::orders::create_batcher`).
     pub creates: Batcher<(NewOrder, Span), Option<Order>>,
+    /// Reads pages of "my orders" in batches (see `routes::orders::page_batcher`).
+    pub pages: Batcher<PageRequest, Vec<Order>>,
     /// Token signing and verification.
     pub jwt: Arc<JwtKeys>,
     /// Argon2id, off the runtime.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use orders_core::{
     db::{
         batch::{BatchError, Batcher},
-        orders::{self as db, CancelError, NewOrder, OrderCursor},
+        orders::{self as db, CancelError, NewOrder, OrderCursor, PageRequest},
     },
     domain::{Amount, Order, OrderId, OrderStatus, ProductName},
     queue::{Admission, OrderQueue},
@@ -265,6 +265,18 @@ pub fn create_batcher(
     )
 }
 
+/// Most pages one statement reads.
+const MAX_PAGE_BATCH: usize = 32;
+
+/// Reads the pages of concurrent "my orders" requests with one statement (one per kind: with and without a
+/// status): one round trip and one pooled connection for many requests. A lone request is not delayed.
+pub fn page_batcher(db: PgPool, slots: usize) -> Batcher<PageRequest, Vec<Order>> {
+    Batcher::spawn(MAX_PAGE_BATCH, slots, move |batch: Vec<PageRequest>| {
+        let db = db.clone();
+        async move { db::list_pages(&db, &batch).await }
+    })
+}
+
 const USER_GONE: &str = "User no longer exists";
 
 /// A valid access token may outlive its user (deleted since). Checked only where an answer would otherwise be
@@ -387,8 +399,13 @@ async fn list_my_orders(
         })?),
     };
     // One extra row tells whether a next page exists.
-    let mut orders =
-        db::list_orders(&state.db, user.user_id, query.status, cursor, limit + 1).await?;
+    let request = PageRequest {
+        user_id: user.user_id,
+        status: query.status,
+        cursor,
+        limit: limit + 1,
+    };
+    let mut orders = state.pages.run(request).await?;
     if orders.is_empty() {
         ensure_user_exists(&state, user).await?;
     }

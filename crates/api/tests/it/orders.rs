@@ -592,3 +592,91 @@ async fn concurrent_creates_share_a_statement_and_a_gone_user_fails_only_its_own
     .unwrap();
     assert!(batches <= 2, "20 creates took {batches} statements");
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_batch_of_page_requests_answers_each_as_its_own_query_would(pool: PgPool) {
+    use orders_core::{
+        db::orders::{OrderCursor, PageRequest, insert_orders_in_bulk, list_pages},
+        domain::{Amount, OrderId, OrderStatus, ProductName, UserId},
+    };
+    let app = TestApp::spawn(pool).await;
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let tokens = app.new_user().await;
+        let me = json(app.get(&tokens.access, "/auth/me").await).await;
+        users.push(UserId(me["id"].as_str().unwrap().parse().unwrap()));
+    }
+    let name = ProductName::parse("Widget").unwrap();
+    let amount = Amount::parse_json_number("1.50").unwrap();
+    for &user in &users {
+        // Two statements: orders of one statement share their creation time, so ids break the ties.
+        for _ in 0..2 {
+            insert_orders_in_bulk(&app.db, user, &name, amount, 20)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("update orders set status = 'CANCELLED' where id in (select id from orders order by random() limit 25)")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let reference = |request: PageRequest| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, Uuid>(
+                "select id from orders where user_id = $1 and ($2::text is null or status::text = $2)
+                   and ($3::timestamptz is null or (created_at, id) < ($3, $4))
+                 order by created_at desc, id desc limit $5",
+            )
+            .bind(request.user_id.0)
+            .bind(request.status.map(OrderStatus::as_str))
+            .bind(request.cursor.map(|c| c.created_at))
+            .bind(request.cursor.map(|c| c.id.0))
+            .bind(request.limit)
+            .fetch_all(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let first = reference(PageRequest {
+        user_id: users[0],
+        status: None,
+        cursor: None,
+        limit: 15,
+    })
+    .await;
+    let (at, id): (chrono::DateTime<chrono::Utc>, Uuid) =
+        sqlx::query_as("select created_at, id from orders where id = $1")
+            .bind(first[14])
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let cursor = Some(OrderCursor {
+        created_at: at,
+        id: OrderId(id),
+    });
+    let requests = [
+        (users[0], None, None, 15),
+        (users[1], Some(OrderStatus::Pending), None, 7),
+        (users[0], None, cursor, 100),
+        (users[1], None, None, 100),
+        (users[0], Some(OrderStatus::Cancelled), None, 100),
+        (users[0], Some(OrderStatus::Pending), cursor, 3),
+        (users[1], Some(OrderStatus::Completed), None, 10),
+    ]
+    .map(|(user_id, status, cursor, limit)| PageRequest {
+        user_id,
+        status,
+        cursor,
+        limit,
+    });
+    let pages = list_pages(&app.db, &requests).await.unwrap();
+    assert_eq!(pages.len(), requests.len());
+    for (request, page) in requests.iter().zip(&pages) {
+        let ids: Vec<Uuid> = page.iter().map(|order| order.id.0).collect();
+        assert_eq!(ids, reference(*request).await, "{request:?}");
+        assert!(page.iter().all(|order| order.user_id == request.user_id));
+    }
+    assert_eq!(pages[2].len(), 25, "the rest of the first user's 40 orders");
+    assert!(pages[6].is_empty());
+}

@@ -169,65 +169,175 @@ impl From<&Order> for OrderCursor {
     }
 }
 
-/// Up to `limit` of the user's orders, newest first, optionally with one status, after `cursor` (keyset
-/// pagination: stable while orders are being added, and as fast on the last page as on the first).
+/// One request for a page of "my orders": up to `limit` of the user's orders, newest first, optionally with one
+/// status, after `cursor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Whose orders.
+    pub user_id: UserId,
+    /// Only orders with this status.
+    pub status: Option<OrderStatus>,
+    /// Where the previous page ended.
+    pub cursor: Option<OrderCursor>,
+    /// Most orders on the page.
+    pub limit: i64,
+}
+
+/// One page of "my orders" (see [`list_pages`]).
+pub async fn list_orders(pool: &PgPool, request: PageRequest) -> sqlx::Result<Vec<Order>> {
+    Ok(list_pages(pool, &[request])
+        .await?
+        .pop()
+        .unwrap_or_default())
+}
+
+/// The pages of several requests, with one statement for those without a status and one for those with one,
+/// and the pages in the order of the requests. Keyset pagination: stable while orders are being added, and as
+/// fast on the last page as on the first.
 ///
-/// Two fixed statements, one per index, each a seek on `(created_at, id)` with no optional predicate: after five
-/// runs on a connection PostgreSQL may switch a prepared statement to its generic plan, and a generic plan of
-/// `($2 is null or status = $2)` reads every order of the user and sorts them (measured: 9 ms for 31,000 orders
-/// instead of 0.1 ms). Without a cursor the seek starts past any real order.
-pub async fn list_orders(
-    executor: impl PgExecutor<'_>,
-    user_id: UserId,
-    status: Option<OrderStatus>,
-    cursor: Option<OrderCursor>,
-    limit: i64,
-) -> sqlx::Result<Vec<Order>> {
-    let before = cursor.map(|c| c.created_at);
-    let before_id = cursor.map(|c| c.id.0);
-    match status {
-        None => {
-            sqlx::query_as!(
-                Order,
-                r#"
-                select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
-                       status as "status: OrderStatus", created_at, updated_at
-                from orders
-                where user_id = $1
-                  and (created_at, id) < (coalesce($2::timestamptz, 'infinity'), coalesce($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
-                order by created_at desc, id desc
-                limit $4
-                "#,
-                user_id as UserId,
-                before,
-                before_id,
-                limit,
-            )
-            .fetch_all(executor)
-            .await
-        }
-        Some(status) => {
-            sqlx::query_as!(
-                Order,
-                r#"
-                select id as "id: OrderId", user_id as "user_id: UserId", product_name, amount,
-                       status as "status: OrderStatus", created_at, updated_at
-                from orders
-                where user_id = $1 and status = $2
-                  and (created_at, id) < (coalesce($3::timestamptz, 'infinity'), coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
-                order by created_at desc, id desc
-                limit $5
-                "#,
-                user_id as UserId,
-                status as OrderStatus,
-                before,
-                before_id,
-                limit,
-            )
-            .fetch_all(executor)
-            .await
+/// Each statement is a seek on `(created_at, id)` per request (a lateral join over the requests), in the index
+/// of its kind and with no optional predicate: after five runs on a connection PostgreSQL may switch a prepared
+/// statement to its generic plan, and a generic plan of `($2 is null or status = $2)` reads every order of the
+/// user and sorts them (measured: 9 ms for 31,000 orders instead of 0.1 ms). Without a cursor the seek starts
+/// past any real order.
+pub async fn list_pages(pool: &PgPool, requests: &[PageRequest]) -> sqlx::Result<Vec<Vec<Order>>> {
+    let (with_status, without): (Vec<usize>, Vec<usize>) =
+        (0..requests.len()).partition(|&at| requests[at].status.is_some());
+    // One after the other: a batch holds at most one connection at a time.
+    let filtered = pages_with_status(pool, requests, &with_status).await?;
+    let unfiltered = pages_without_status(pool, requests, &without).await?;
+    let mut pages = vec![Vec::new(); requests.len()];
+    for (at, order) in filtered.into_iter().chain(unfiltered) {
+        pages[at].push(order);
+    }
+    Ok(pages)
+}
+
+/// The columns of the requests at `indices`, for `unnest`.
+struct PageColumns {
+    users: Vec<uuid::Uuid>,
+    statuses: Vec<OrderStatus>,
+    before: Vec<Option<DateTime<Utc>>>,
+    before_ids: Vec<Option<uuid::Uuid>>,
+    limits: Vec<i64>,
+}
+
+impl PageColumns {
+    fn of(requests: &[PageRequest], indices: &[usize]) -> Self {
+        let picked = || indices.iter().map(|&at| requests[at]);
+        Self {
+            users: picked().map(|r| r.user_id.0).collect(),
+            statuses: picked().filter_map(|r| r.status).collect(),
+            before: picked().map(|r| r.cursor.map(|c| c.created_at)).collect(),
+            before_ids: picked().map(|r| r.cursor.map(|c| c.id.0)).collect(),
+            limits: picked().map(|r| r.limit).collect(),
         }
     }
+}
+
+/// An order on a page, with the (1-based) position of its request in the statement's arrays.
+struct PageRow {
+    n: i64,
+    id: OrderId,
+    user_id: UserId,
+    product_name: String,
+    amount: rust_decimal::Decimal,
+    status: OrderStatus,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl PageRow {
+    /// Each order with the index of its request among all the requests.
+    fn pair(rows: Vec<Self>, indices: &[usize]) -> Vec<(usize, Order)> {
+        rows.into_iter()
+            .map(|row| {
+                let order = Order {
+                    id: row.id,
+                    user_id: row.user_id,
+                    product_name: row.product_name,
+                    amount: row.amount,
+                    status: row.status,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                };
+                (indices[row.n as usize - 1], order)
+            })
+            .collect()
+    }
+}
+
+/// `(index of the request, order)` for the requests at `indices`, all without a status.
+async fn pages_without_status(
+    pool: &PgPool,
+    requests: &[PageRequest],
+    indices: &[usize],
+) -> sqlx::Result<Vec<(usize, Order)>> {
+    if indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = PageColumns::of(requests, indices);
+    let rows = sqlx::query_as!(
+        PageRow,
+        r#"
+        select r.n as "n!", o.id as "id!: OrderId", o.user_id as "user_id!: UserId", o.product_name as "product_name!",
+               o.amount as "amount!", o.status as "status!: OrderStatus", o.created_at as "created_at!",
+               o.updated_at as "updated_at!"
+        from unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::bigint[]) with ordinality
+            as r(user_id, before_at, before_id, lim, n)
+        cross join lateral (
+            select * from orders o
+            where o.user_id = r.user_id
+              and (o.created_at, o.id) < (coalesce(r.before_at, 'infinity'), coalesce(r.before_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+            order by o.created_at desc, o.id desc
+            limit r.lim
+        ) o
+        "#,
+        &columns.users[..],
+        &columns.before[..] as &[Option<DateTime<Utc>>],
+        &columns.before_ids[..] as &[Option<uuid::Uuid>],
+        &columns.limits[..],
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(PageRow::pair(rows, indices))
+}
+
+/// `(index of the request, order)` for the requests at `indices`, all with a status.
+async fn pages_with_status(
+    pool: &PgPool,
+    requests: &[PageRequest],
+    indices: &[usize],
+) -> sqlx::Result<Vec<(usize, Order)>> {
+    if indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = PageColumns::of(requests, indices);
+    let rows = sqlx::query_as!(
+        PageRow,
+        r#"
+        select r.n as "n!", o.id as "id!: OrderId", o.user_id as "user_id!: UserId", o.product_name as "product_name!",
+               o.amount as "amount!", o.status as "status!: OrderStatus", o.created_at as "created_at!",
+               o.updated_at as "updated_at!"
+        from unnest($1::uuid[], $2::order_status[], $3::timestamptz[], $4::uuid[], $5::bigint[]) with ordinality
+            as r(user_id, status, before_at, before_id, lim, n)
+        cross join lateral (
+            select * from orders o
+            where o.user_id = r.user_id and o.status = r.status
+              and (o.created_at, o.id) < (coalesce(r.before_at, 'infinity'), coalesce(r.before_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+            order by o.created_at desc, o.id desc
+            limit r.lim
+        ) o
+        "#,
+        &columns.users[..],
+        &columns.statuses[..] as &[OrderStatus],
+        &columns.before[..] as &[Option<DateTime<Utc>>],
+        &columns.before_ids[..] as &[Option<uuid::Uuid>],
+        &columns.limits[..],
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(PageRow::pair(rows, indices))
 }
 
 /// Why an order could not be cancelled.
