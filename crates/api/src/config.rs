@@ -103,6 +103,12 @@ pub struct RateLimits {
     #[arg(long, env = "RATE_LIMIT_ENABLED", default_value_t = true, value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub rate_limit_enabled: bool,
 
+    /// Count the limits in Redis, shared by every api process with the same QUEUE_NAME (off: each process counts
+    /// its own). Each process's own limiter stays behind the shared one, and decides alone while Redis does not
+    /// answer.
+    #[arg(long, env = "RATE_LIMIT_SHARED", default_value_t = true, value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub rate_limit_shared: bool,
+
     /// POST /auth/register per client per minute.
     #[arg(long, env = "RATE_LIMIT_REGISTER_PER_MINUTE", default_value_t = 5)]
     pub rate_limit_register_per_minute: u32,
@@ -133,6 +139,7 @@ impl RateLimits {
     pub fn off() -> Self {
         Self {
             rate_limit_enabled: false,
+            rate_limit_shared: false,
             rate_limit_register_per_minute: 0,
             rate_limit_login_per_minute: 0,
             rate_limit_refresh_per_minute: 0,

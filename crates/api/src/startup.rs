@@ -31,7 +31,7 @@ use crate::{
     error::{ApiError, ErrorBody},
     extract::BODY_LIMIT,
     openapi::ApiDoc,
-    rate_limit::{ClientKey, RouteLimits},
+    rate_limit::{ClientKey, RouteLimits, shared::SharedLimits},
     routes,
     state::AppState,
 };
@@ -185,12 +185,16 @@ pub fn router(state: AppState, config: &Config) -> Router {
         key: ClientKey {
             trust_proxy_hops: config.proxy_hops(),
         },
+        shared: config
+            .rate_limits
+            .rate_limit_shared
+            .then(|| SharedLimits::new(state.queue.connection(), &config.queue.queue_name)),
     };
     let request_timeout = config.request_timeout();
     let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
-        .merge(routes::auth::router(&config.rate_limits, per_route))
-        .merge(routes::orders::router(&config.rate_limits, per_route))
+        .merge(routes::auth::router(&config.rate_limits, &per_route))
+        .merge(routes::orders::router(&config.rate_limits, &per_route))
         .with_state(state)
         .split_for_parts();
     crate::openapi::close_request_bodies(&mut openapi);

@@ -36,18 +36,21 @@ use crate::{
 };
 
 /// Routes of this module, each with its own rate limit.
-pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppState> {
+pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(register)),
+            "register",
             limits.rate_limit_register_per_minute,
         ))
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(login)),
+            "login",
             limits.rate_limit_login_per_minute,
         ))
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(refresh)),
+            "refresh",
             limits.rate_limit_refresh_per_minute,
         ))
         .routes(routes!(logout))

@@ -36,18 +36,21 @@ use crate::{
 };
 
 /// Routes of this module, each with its own rate limit.
-pub fn router(limits: &RateLimits, per_route: RouteLimits) -> OpenApiRouter<AppState> {
+pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(create_order)),
+            "create_order",
             limits.rate_limit_create_order_per_minute,
         ))
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(list_my_orders)),
+            "list_orders",
             limits.rate_limit_list_orders_per_minute,
         ))
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(cancel_order)),
+            "cancel_order",
             limits.rate_limit_cancel_order_per_minute,
         ))
         .routes(routes!(get_order))

@@ -181,3 +181,107 @@ async fn a_limit_set_to_zero_is_off(pool: PgPool) {
         );
     }
 }
+
+/// Two api processes' worth of apps on one queue name (and so one set of shared limits).
+async fn two_apps(pool: PgPool, adjust: impl Fn(&mut api::Config)) -> (TestApp, TestApp) {
+    let first = TestApp::spawn_with(pool.clone(), &adjust).await;
+    let queue_name = first.queue_name.clone();
+    let second = TestApp::spawn_with(pool, |config| {
+        adjust(config);
+        config.queue.queue_name = queue_name;
+    })
+    .await;
+    (first, second)
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_limit_holds_across_api_processes(pool: PgPool) {
+    let (a, b) = two_apps(pool, limited).await;
+    for attempt in 1..=5 {
+        let app = if attempt % 2 == 0 { &b } else { &a };
+        let response = login_from(app, None).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+        // Counted by every process together: 5 per minute, 5 - attempt left.
+        assert_eq!(response.headers()["x-ratelimit-limit"], "5");
+        assert_eq!(
+            response.headers()["x-ratelimit-remaining"],
+            (5 - attempt).to_string().as_str(),
+            "attempt {attempt}"
+        );
+    }
+    // The sixth goes to the app that has seen only two: the shared count refuses it.
+    let refused = login_from(&b, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after = retry_after(&refused);
+    assert!(
+        (1..=12).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+    assert_eq!(
+        login_from(&a, None).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn with_shared_limits_off_each_process_counts_its_own(pool: PgPool) {
+    let (a, b) = two_apps(pool, |config| {
+        limited(config);
+        config.rate_limits.rate_limit_shared = false;
+    })
+    .await;
+    for attempt in 1..=5 {
+        for app in [&a, &b] {
+            assert_eq!(
+                login_from(app, None).await.status(),
+                StatusCode::UNAUTHORIZED,
+                "attempt {attempt}"
+            );
+        }
+    }
+    assert_eq!(
+        login_from(&a, None).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn with_redis_unreachable_each_process_still_holds_its_limit(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| {
+        limited(config);
+        // Nothing listens there: every shared decision fails, and the process's own limiter decides.
+        config.queue.redis_url = "redis://127.0.0.1:9/0".into();
+    })
+    .await;
+    for attempt in 1..=5 {
+        let response = login_from(&app, None).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+    }
+    let refused = login_from(&app, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry_after(&refused) >= 1);
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+    let metrics = app.metrics().await;
+    let fallbacks: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("rate_limit_local_decisions_total "))
+        .expect("the fallback counter is exported")
+        .parse()
+        .unwrap();
+    assert!(fallbacks >= 6.0, "{fallbacks}");
+}

@@ -6,6 +6,8 @@
 //! fewer entries did not come through all N proxies, and counts by its peer address. IPv6 clients are keyed by
 //! their /64, since one host usually owns a whole /64.
 
+pub mod shared;
+
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
@@ -39,16 +41,20 @@ impl KeyExtractor for ClientKey {
     type Key = IpAddr;
 
     fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
+        self.client(req).ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+impl ClientKey {
+    /// The client `req` counts against (see the module's documentation).
+    pub fn client<T>(&self, req: &Request<T>) -> Option<IpAddr> {
         let forwarded = forwarded_for(req.headers(), self.trust_proxy_hops);
         let peer = || {
             req.extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(addr)| addr.ip())
         };
-        forwarded
-            .or_else(peer)
-            .map(bucket_of)
-            .ok_or(GovernorError::UnableToExtractKey)
+        forwarded.or_else(peer).map(bucket_of)
     }
 }
 
@@ -113,23 +119,39 @@ pub fn per_minute(per_minute: u32, key: ClientKey) -> Option<RateLimitLayer> {
 }
 
 /// Puts each route's limit on the router holding only that route (one bucket per route and client).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RouteLimits {
     /// `RATE_LIMIT_ENABLED`.
     pub enabled: bool,
     /// How clients are told apart.
     pub key: ClientKey,
+    /// The limits every api process shares (`RATE_LIMIT_SHARED`), decided before the per-process one.
+    pub shared: Option<shared::SharedLimits>,
 }
 
 impl RouteLimits {
-    /// `router` limited to `n` requests per client and minute (unchanged if limits are off or `n` is 0).
+    /// `router` limited to `n` requests per client and minute (unchanged if limits are off or `n` is 0): by the
+    /// shared limit if there is one, then by this process's own (alone when Redis cannot decide).
     pub fn apply<S: Clone + Send + Sync + 'static>(
         &self,
         router: OpenApiRouter<S>,
+        route: &'static str,
         n: u32,
     ) -> OpenApiRouter<S> {
-        match self.enabled.then(|| per_minute(n, self.key)).flatten() {
-            Some(layer) => router.layer(layer),
+        let Some(local) = self.enabled.then(|| per_minute(n, self.key)).flatten() else {
+            return router;
+        };
+        let router = router.layer(local);
+        match &self.shared {
+            Some(limits) => router.layer(axum::middleware::from_fn_with_state(
+                shared::SharedRoute {
+                    limits: limits.clone(),
+                    route,
+                    per_minute: n,
+                    key: self.key,
+                },
+                shared::limit,
+            )),
             None => router,
         }
     }
