@@ -12,5 +12,6 @@ mod observability;
 mod openapi;
 mod orders;
 mod rate_limits;
+mod tls;
 mod validation;
 mod worker;

@@ -89,7 +89,7 @@ async fn a_request_id_is_returned_and_generated_when_missing_or_unusable(pool: P
 
 /// Forwards each line a child writes to `stream`, from a thread of its own: the test can watch for a line while
 /// the child runs, and a pipe nobody reads never fills up and blocks the child.
-fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
+pub(crate) fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -101,7 +101,7 @@ fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>
 }
 
 /// A child process that is killed if the test fails before it stops the child itself.
-struct KillOnDrop(Child);
+pub(crate) struct KillOnDrop(pub(crate) Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -114,7 +114,10 @@ impl Drop for KillOnDrop {
 /// The address in the api's `listening` line (`LOG_FORMAT=json`), which it logs once bound: with
 /// `BIND_ADDR=127.0.0.1:0` the system picks a free port and only the api knows which. Every line read on the
 /// way is kept in `logs`.
-fn listening_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> SocketAddr {
+pub(crate) fn listening_address(
+    lines: &mpsc::Receiver<String>,
+    logs: &mut Vec<String>,
+) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let line = lines
