@@ -84,8 +84,8 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 50)]
     pub worker_poll_interval_ms: u64,
 
-    /// How often the worker proves it is alive to Redis (milliseconds). After 3 missed beats, other workers
-    /// take back its unfinished jobs.
+    /// How often the worker proves it is alive to Redis (milliseconds; at least 1000). After 3 missed beats,
+    /// other workers take back its unfinished jobs.
     #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 3000)]
     pub worker_heartbeat_ms: u64,
 
@@ -114,7 +114,17 @@ pub enum SettingsError {
     LeaseTooShort { lease: u64, stage: u64 },
     #[error("{0} must be more than 0")]
     Zero(&'static str),
+    #[error(
+        "WORKER_HEARTBEAT_MS ({0}) must be at least {MIN_HEARTBEAT_MS}: apalis-redis counts heartbeats in whole seconds, so a shorter beat gets live workers declared dead"
+    )]
+    HeartbeatTooShort(u64),
 }
+
+/// The shortest heartbeat. apalis-redis 1.0 records a worker's last beat in whole seconds and rounds the time
+/// after which it counts as dead (3 beats) down to whole seconds, so with beats of 500 ms a live worker was
+/// declared dead just after each second boundary: another worker took its jobs back while it ran them, and its
+/// consumer restarted (found by the multi-process test).
+pub const MIN_HEARTBEAT_MS: u64 = 1000;
 
 impl WorkerSettings {
     /// Checks what clap cannot.
@@ -128,6 +138,9 @@ impl WorkerSettings {
             if value == 0 {
                 return Err(SettingsError::Zero(name));
             }
+        }
+        if self.worker_heartbeat_ms < MIN_HEARTBEAT_MS {
+            return Err(SettingsError::HeartbeatTooShort(self.worker_heartbeat_ms));
         }
         if self.order_lease_ms <= self.order_stage_delay_ms.saturating_mul(2) {
             return Err(SettingsError::LeaseTooShort {

@@ -532,3 +532,33 @@ fn a_missing_jwt_secret_is_named_with_where_to_put_it() {
         "{stderr}"
     );
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_connection_budget_is_read_from_the_server(pool: sqlx::PgPool) {
+    use orders_core::db::ConnectionBudget;
+    let max: i64 = sqlx::query_scalar("select current_setting('max_connections')::bigint")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let before = ConnectionBudget::read(&pool).await.unwrap();
+    assert_eq!(before.max, max);
+    assert!(before.reserved >= 1, "{before:?}");
+    assert!(before.in_use >= 1, "{before:?}");
+    // Five more connections held open are seen, with the one reading (other tests open and close theirs meanwhile,
+    // so at least these six).
+    let held = sqlx::postgres::PgPoolOptions::new()
+        .min_connections(5)
+        .max_connections(5)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        conns.push(held.acquire().await.unwrap());
+    }
+    let after = ConnectionBudget::read(&pool).await.unwrap();
+    assert!(after.in_use >= 6, "{after:?}");
+    assert_eq!(after.free(), after.max - after.reserved - after.in_use);
+    assert!(after.fits(1));
+    assert!(!after.fits(u32::try_from(after.max).unwrap() + 1));
+}

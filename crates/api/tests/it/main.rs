@@ -12,6 +12,7 @@ mod observability;
 mod openapi;
 mod orders;
 mod rate_limits;
+mod scale_out;
 mod tls;
 mod validation;
 mod worker;

@@ -76,10 +76,81 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     if config.migrate_on_start {
         migrate(config).await?;
     }
-    pool_options(config)
+    let pool = pool_options(config)
         .connect_with(connect_options(config)?)
         .await
-        .context("cannot connect to PostgreSQL (check DATABASE_URL)")
+        .context("cannot connect to PostgreSQL (check DATABASE_URL)")?;
+    match ConnectionBudget::read(&pool).await {
+        Ok(budget) => budget.report(config.database_max_connections),
+        Err(err) => tracing::debug!(error = %err, "cannot read the server's connection limits"),
+    }
+    Ok(pool)
+}
+
+/// The server's connection limit and use, as one process sees it at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    /// `max_connections`.
+    pub max: i64,
+    /// `superuser_reserved_connections` (and `reserved_connections` on PostgreSQL 16+): slots ordinary roles
+    /// cannot use.
+    pub reserved: i64,
+    /// Client connections open now, this process's first one included.
+    pub in_use: i64,
+}
+
+impl ConnectionBudget {
+    /// Reads the limits and the connections open now.
+    pub async fn read(pool: &PgPool) -> sqlx::Result<Self> {
+        let (max, reserved, in_use) = sqlx::query_as::<_, (i64, i64, i64)>(
+            "select current_setting('max_connections')::bigint,
+                    current_setting('superuser_reserved_connections')::bigint
+                      + coalesce(current_setting('reserved_connections', true)::bigint, 0),
+                    (select count(*) from pg_stat_activity where backend_type = 'client backend')",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(Self {
+            max,
+            reserved,
+            in_use,
+        })
+    }
+
+    /// Connections still free for ordinary roles.
+    pub fn free(&self) -> i64 {
+        self.max - self.reserved - self.in_use
+    }
+
+    /// Whether a pool of `pool_size` more connections (beyond the one already open) fits in what is free.
+    pub fn fits(&self, pool_size: u32) -> bool {
+        i64::from(pool_size) - 1 <= self.free()
+    }
+
+    /// Logs the budget; warns when this process's pool could not open all its connections. Every api replica and
+    /// every worker opens up to `DATABASE_MAX_CONNECTIONS`, so the sum over all processes must stay below
+    /// `max_connections - superuser_reserved_connections` (see the README's "Running in production").
+    pub fn report(&self, pool_size: u32) {
+        if self.fits(pool_size) {
+            tracing::info!(
+                max_connections = self.max,
+                reserved = self.reserved,
+                in_use = self.in_use,
+                pool = pool_size,
+                "PostgreSQL connection budget"
+            );
+        } else {
+            tracing::warn!(
+                max_connections = self.max,
+                reserved = self.reserved,
+                in_use = self.in_use,
+                pool = pool_size,
+                "PostgreSQL has fewer free connections than this process's pool may open: requests will wait and \
+                 answer 503 under load (lower DATABASE_MAX_CONNECTIONS, run fewer processes, raise max_connections \
+                 or put PgBouncer in front)"
+            );
+        }
+    }
 }
 
 /// Creates the database if missing and applies pending migrations, on a connection of its own without the

@@ -150,6 +150,18 @@ async fn a_lease_too_short_for_the_stage_delay_is_refused(_db: PgPool) {
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_heartbeat_shorter_than_a_second_is_refused(_db: PgPool) {
+    let mut settings = crate::helpers::fast_settings();
+    settings.worker_heartbeat_ms = 500;
+    assert_eq!(
+        settings.validate(),
+        Err(worker::config::SettingsError::HeartbeatTooShort(500))
+    );
+    settings.worker_heartbeat_ms = 1000;
+    assert!(settings.validate().is_ok());
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_batch_claims_each_order_once_even_when_it_holds_two_attempts_at_one(db: PgPool) {
     use orders_core::db::orders::{self as db, Attempt};
     let ids = new_orders(&db, 3).await;

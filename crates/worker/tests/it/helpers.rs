@@ -118,7 +118,7 @@ pub fn fast_settings() -> WorkerSettings {
     settings.order_stage_delay_ms = 10;
     settings.order_lease_ms = 2_000;
     settings.worker_poll_interval_ms = 20;
-    settings.worker_heartbeat_ms = 500;
+    settings.worker_heartbeat_ms = 1000;
     settings.reconcile_interval_ms = 200;
     settings.reconcile_redeliver_after_ms = 500;
     settings.worker_shutdown_timeout_ms = 5_000;
@@ -264,7 +264,7 @@ pub fn spawn_binary(db: &PgPool, queue: &TestQueue, stage_delay_ms: u64, lease_m
         .env("QUEUE_NAME", &queue.config.queue_name)
         .env("ORDER_STAGE_DELAY_MS", stage_delay_ms.to_string())
         .env("ORDER_LEASE_MS", lease_ms.to_string())
-        .env("WORKER_HEARTBEAT_MS", "500")
+        .env("WORKER_HEARTBEAT_MS", "1000")
         .env("RECONCILE_INTERVAL_MS", "500")
         .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
