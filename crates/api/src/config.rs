@@ -83,6 +83,20 @@ pub struct Config {
     #[command(flatten)]
     pub worker: worker::WorkerSettings,
 
+    /// Most event streams (GET /orders/{id}/events, GET /orders/events) one user may hold open on this process;
+    /// one more is answered 429.
+    #[arg(long, env = "SSE_MAX_STREAMS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub sse_max_streams_per_user: u32,
+
+    /// Where the live-status listener connects (LISTEN needs a session of its own): unset, DATABASE_URL. Set it to
+    /// the server itself when DATABASE_URL goes through PgBouncer in transaction mode, where LISTEN does not work.
+    #[arg(long, env = "DATABASE_LISTEN_URL", hide_env_values = true)]
+    pub database_listen_url: Option<String>,
+
+    /// Most event streams this process holds open in all; one more is answered 503.
+    #[arg(long, env = "SSE_MAX_STREAMS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sse_max_streams: u32,
+
     /// Most password hashes computed at once (each takes 19 MiB); 0 means one per CPU core.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,

@@ -105,6 +105,12 @@ pub enum ApiError {
         /// Seconds until a retry can succeed.
         retry_after_secs: u64,
     },
+    /// 429: the user has as many event streams open as `SSE_MAX_STREAMS_PER_USER` allows.
+    #[error("too many open event streams")]
+    TooManyStreams(u32),
+    /// 503: the process holds as many event streams as `SSE_MAX_STREAMS` allows.
+    #[error("event streams full")]
+    StreamsFull,
     /// 503: PostgreSQL or Redis is unreachable or too slow.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -205,6 +211,28 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs.max(1)),
                 );
+                response
+            }
+            Self::TooManyStreams(max) => {
+                let mut response = detail(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "Too many open event streams: at most {max} per user. Close one first."
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+                response
+            }
+            Self::StreamsFull => {
+                let mut response = detail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "This server holds as many event streams as it can. Try again later.",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(5));
                 response
             }
             Self::Unavailable(cause) => {

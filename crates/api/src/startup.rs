@@ -48,6 +48,8 @@ pub struct App {
     /// `/metrics`, on a listener of its own (`METRICS_ADDR`), unless turned off.
     metrics: Option<(TcpListener, Router)>,
     db: PgPool,
+    /// Ended at shutdown, so that open event streams do not hold the graceful shutdown.
+    events: Arc<crate::events::Hub>,
     worker: Option<(
         worker::WorkerSettings,
         orders_core::config::QueueConfig,
@@ -81,7 +83,16 @@ impl App {
         // Half the pool at most for the inserts of creates, and half for the reads of lists, so that neither
         // starves the other (or the other routes) of connections.
         let batch_slots = (db.options().get_max_connections() as usize / 2).max(1);
+        let events =
+            crate::events::Hub::new(config.sse_max_streams_per_user, config.sse_max_streams);
+        events.spawn_listener(match &config.database_listen_url {
+            Some(url) => url
+                .parse()
+                .context("DATABASE_LISTEN_URL is not a valid PostgreSQL URL")?,
+            None => (*db.connect_options()).clone(),
+        });
         let state = AppState {
+            events: events.clone(),
             db: db.clone(),
             creates: crate::routes::orders::create_batcher(
                 db.clone(),
@@ -124,6 +135,7 @@ impl App {
             router,
             metrics,
             db,
+            events,
             worker,
         })
     }
@@ -166,6 +178,12 @@ impl App {
             }
         };
         tokio::spawn(purge_periodically(self.db, stop.clone()));
+        let events = self.events.shutdown.clone();
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            events.cancel();
+        });
         let server = axum::serve(
             self.listener,
             self.router
@@ -195,6 +213,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, &per_route))
         .merge(routes::orders::router(&config.rate_limits, &per_route))
+        .merge(routes::events::router())
         .with_state(state)
         .split_for_parts();
     crate::openapi::close_request_bodies(&mut openapi);

@@ -36,6 +36,8 @@ pub struct AppState {
     pub session_max: Duration,
     /// Login attempts allowed per account and window (`LOGIN_MAX_FAILURES`).
     pub login_max_failures: u32,
+    /// Live order status: the listener's signals and the bounds on open streams.
+    pub events: Arc<crate::events::Hub>,
     /// What the last readiness probe found (bit 0: PostgreSQL down, bit 1: Redis down), to log changes only.
     pub readiness: Arc<std::sync::atomic::AtomicU8>,
 }

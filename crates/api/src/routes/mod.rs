@@ -2,5 +2,6 @@
 //! the OpenAPI document is generated from the very routes that are served.
 
 pub mod auth;
+pub mod events;
 pub mod health;
 pub mod orders;

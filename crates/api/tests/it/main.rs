@@ -6,11 +6,13 @@
 
 mod auth;
 mod backlog;
+mod events;
 mod hardening;
 mod helpers;
 mod observability;
 mod openapi;
 mod orders;
+mod pgbouncer;
 mod rate_limits;
 mod scale_out;
 mod tls;

@@ -2,6 +2,7 @@
 //! transaction. Queries are compile-checked against the schema (`.sqlx/` holds the offline cache).
 
 pub mod batch;
+pub mod events;
 pub mod login_attempts;
 pub mod orders;
 mod pool;

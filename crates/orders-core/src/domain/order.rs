@@ -57,6 +57,11 @@ impl OrderStatus {
             Self::Cancelled => "CANCELLED",
         }
     }
+
+    /// Whether no change can follow (COMPLETED or CANCELLED).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled)
+    }
 }
 
 /// A product name: 1 to 200 characters after trimming.

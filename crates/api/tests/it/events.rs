@@ -1,0 +1,394 @@
+//! Live order status over server-sent events, through the real HTTP API, with the in-process worker moving the
+//! orders and PostgreSQL's notifications carrying the changes.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, header};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, json};
+
+fn with_worker(stage_delay_ms: u64) -> impl Fn(&mut api::Config) + Clone {
+    move |config| {
+        config.with_worker = true;
+        config.worker.order_stage_delay_ms = stage_delay_ms;
+        config.worker.worker_poll_interval_ms = 20;
+        config.worker.reconcile_interval_ms = 500;
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct SseEvent {
+    event: String,
+    id: String,
+    data: Value,
+}
+
+impl SseEvent {
+    fn status(&self) -> &str {
+        self.data["status"].as_str().unwrap_or_default()
+    }
+}
+
+/// An open `text/event-stream` response, read event by event.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+    comments: usize,
+}
+
+impl Stream {
+    async fn open(
+        app: &TestApp,
+        token: &str,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = app.client.get(app.url(path)).bearer_auth(token);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn start(app: &TestApp, token: &str, path: &str, last_event_id: Option<&str>) -> Self {
+        let response = Self::open(app, token, path, last_event_id).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream",
+            "{path}"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+            comments: 0,
+        }
+    }
+
+    /// The next event; `None` when the server ended the stream. Panics after `wait` without one.
+    async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if event.is_empty() && data.is_empty() {
+                    continue;
+                }
+                return Some(SseEvent {
+                    event,
+                    id,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("no event in time")
+                .unwrap();
+            match chunk {
+                Some(bytes) => self.buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
+                None => return None,
+            }
+        }
+    }
+
+    /// Every event until the server ends the stream.
+    async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next(Duration::from_secs(20)).await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+fn statuses(events: &[SseEvent]) -> Vec<&str> {
+    events.iter().map(SseEvent::status).collect()
+}
+
+async fn create(app: &TestApp, token: &str) -> String {
+    app.create_widget(token).await
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn an_order_stream_shows_pending_processing_completed_then_ends(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, with_worker(300)).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let mut stream = Stream::start(&app, &user.access, &format!("/orders/{id}/events"), None).await;
+    let events = stream.rest().await;
+    // Opened right after the create: the worker may have claimed it already, never completed it (two 300 ms stages).
+    let seen = statuses(&events);
+    assert!(
+        seen == ["PENDING", "PROCESSING", "COMPLETED"] || seen == ["PROCESSING", "COMPLETED"],
+        "{seen:?}"
+    );
+    for event in &events {
+        assert_eq!(event.event, "status");
+        assert_eq!(event.data["id"], id.as_str());
+        assert_eq!(event.data["product_name"], "Widget");
+    }
+    // Ids grow; each live one is the change's row in order_status_history.
+    let ids: Vec<i64> = events.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let history: Vec<(i64, String)> = sqlx::query_as(
+        "select id, status::text from order_status_history where order_id = $1::uuid order by id",
+    )
+    .bind(&id)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let live: Vec<(i64, String)> = events
+        .iter()
+        .filter(|e| e.status() != "PENDING")
+        .map(|e| (e.id.parse().unwrap(), e.status().to_owned()))
+        .collect();
+    assert_eq!(live, history);
+    // The last event is the order as GET shows it.
+    let now = json(app.get(&user.access, &format!("/orders/{id}")).await).await;
+    assert_eq!(events.last().unwrap().data, now);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_cancel_shows_on_the_stream_and_ends_it(pool: PgPool) {
+    // No worker: the order stays PENDING until its owner cancels it.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let mut stream = Stream::start(&app, &user.access, &format!("/orders/{id}/events"), None).await;
+    let first = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((first.status(), first.id.as_str()), ("PENDING", "0"));
+    assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    let rest = stream.rest().await;
+    assert_eq!(statuses(&rest), ["CANCELLED"]);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn reconnecting_with_last_event_id_sends_only_what_was_missed(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, with_worker(400)).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let path = format!("/orders/{id}/events");
+    let mut stream = Stream::start(&app, &user.access, &path, None).await;
+    let processing = loop {
+        let event = stream.next(Duration::from_secs(10)).await.unwrap();
+        if event.status() == "PROCESSING" {
+            break event;
+        }
+    };
+    drop(stream);
+    let mut resumed = Stream::start(&app, &user.access, &path, Some(&processing.id)).await;
+    assert_eq!(statuses(&resumed.rest().await), ["COMPLETED"]);
+    // Resuming after the last event of a finished order: nothing more, and the stream ends.
+    let last: i64 =
+        sqlx::query_scalar("select max(id) from order_status_history where order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let mut done = Stream::start(&app, &user.access, &path, Some(&last.to_string())).await;
+    assert!(done.rest().await.is_empty());
+    // From 0: the whole history, once.
+    let mut all = Stream::start(&app, &user.access, &path, Some("0")).await;
+    assert_eq!(statuses(&all.rest().await), ["PROCESSING", "COMPLETED"]);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn another_users_order_or_a_missing_one_is_404_and_a_bad_last_event_id_422(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let owner = app.new_user().await;
+    let other = app.new_user().await;
+    let id = create(&app, &owner.access).await;
+    for (token, path) in [
+        (&other.access, format!("/orders/{id}/events")),
+        (
+            &owner.access,
+            format!("/orders/{}/events", uuid::Uuid::now_v7()),
+        ),
+    ] {
+        let response = Stream::open(&app, token, &path, None).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(json(response).await, json!({"detail": "Order not found"}));
+    }
+    let response = Stream::open(
+        &app,
+        &owner.access,
+        &format!("/orders/{id}/events"),
+        Some("-3"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let unauthenticated = app
+        .client
+        .get(app.url("/orders/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_eleventh_stream_of_a_user_is_429_and_a_closed_one_frees_its_slot(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let other = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let path = format!("/orders/{id}/events");
+    let mut open = Vec::new();
+    for i in 0..10 {
+        let path = if i % 2 == 0 {
+            path.as_str()
+        } else {
+            "/orders/events"
+        };
+        open.push(Stream::start(&app, &user.access, path, None).await);
+    }
+    let refused = Stream::open(&app, &user.access, "/orders/events", None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key(header::RETRY_AFTER));
+    assert_eq!(
+        json(refused).await["detail"],
+        "Too many open event streams: at most 10 per user. Close one first."
+    );
+    // Another user is not affected.
+    let _theirs = Stream::start(&app, &other.access, "/orders/events", None).await;
+    // Closing one frees a slot (the server notices when it next writes: the heartbeat, or here a change).
+    drop(open.pop());
+    assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    let mut reopened = None;
+    for _ in 0..50 {
+        let response = Stream::open(&app, &user.access, "/orders/events", None).await;
+        if response.status() == StatusCode::OK {
+            reopened = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reopened.is_some(),
+        "the closed stream's slot was never freed"
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_stream_of_all_my_orders_carries_each_change_of_mine_only(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, with_worker(100)).await;
+    let user = app.new_user().await;
+    let other = app.new_user().await;
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
+    let mine = [
+        create(&app, &user.access).await,
+        create(&app, &user.access).await,
+    ];
+    let _theirs = create(&app, &other.access).await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let event = stream.next(Duration::from_secs(20)).await.unwrap();
+        seen.push((
+            event.data["id"].as_str().unwrap().to_owned(),
+            event.status().to_owned(),
+        ));
+    }
+    for id in &mine {
+        let of_it: Vec<&str> = seen
+            .iter()
+            .filter(|(o, _)| o == id)
+            .map(|(_, s)| s.as_str())
+            .collect();
+        assert_eq!(of_it, ["PROCESSING", "COMPLETED"], "{seen:?}");
+    }
+    // Nothing of the other user's order, and no duplicate later.
+    let extra = tokio::time::timeout(
+        Duration::from_millis(700),
+        stream.next(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(extra.is_err(), "unexpected event: {extra:?}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_change_made_through_one_api_reaches_a_stream_on_another(pool: PgPool) {
+    // Two api processes' worth of apps on one database: the stream on `b`, the change (a cancel) through `a`.
+    let a = TestApp::spawn(pool.clone()).await;
+    let b = TestApp::spawn(pool).await;
+    let user = a.new_user().await;
+    let id = create(&a, &user.access).await;
+    let mut stream = Stream::start(&b, &user.access, &format!("/orders/{id}/events"), None).await;
+    assert_eq!(
+        stream.next(Duration::from_secs(5)).await.unwrap().status(),
+        "PENDING"
+    );
+    assert_eq!(a.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    assert_eq!(statuses(&stream.rest().await), ["CANCELLED"]);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_change_made_while_the_listener_is_down_still_reaches_the_stream(pool: PgPool) {
+    // No worker: the only change is the owner's cancel, made while the api's listener cannot be connected.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let mut stream = Stream::start(&app, &user.access, &format!("/orders/{id}/events"), None).await;
+    assert_eq!(
+        stream.next(Duration::from_secs(5)).await.unwrap().status(),
+        "PENDING"
+    );
+    // Run from the maintenance database: a database cannot refuse connections from inside itself.
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let admin = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let allow_connections = |allow: bool| {
+        let (admin, db) = (admin.clone(), db.clone());
+        async move {
+            let sql = format!(r#"alter database "{db}" allow_connections {allow}"#);
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    };
+    // New connections to this database are refused (the pool's open ones stay), then the api's LISTEN connection
+    // (the one waiting on the order_events channel) is terminated: its reconnects fail for now.
+    allow_connections(false).await;
+    let killed: i64 = sqlx::query_scalar(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity
+         where datname = current_database() and query like 'LISTEN%order_events%'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the listener's connection was not found");
+    // The change is announced while nobody listens: that notification is gone for good.
+    let cancelled = app.cancel(&user.access, &id).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    allow_connections(true).await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    // Once the listener is back, the stream reads the change from the history.
+    let rest = stream.rest().await;
+    assert_eq!(statuses(&rest), ["CANCELLED"]);
+    let history_id: i64 =
+        sqlx::query_scalar("select id from order_status_history where order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(rest[0].id, history_id.to_string());
+}
