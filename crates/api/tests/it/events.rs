@@ -392,3 +392,102 @@ async fn a_change_made_while_the_listener_is_down_still_reaches_the_stream(pool:
             .unwrap();
     assert_eq!(rest[0].id, history_id.to_string());
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
+    use std::process::{Command, Stdio};
+
+    use crate::observability::{KillOnDrop, forward_lines, listening_address};
+
+    let mut api = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_api"))
+            .env("DATABASE_URL", crate::helpers::database_url_of(&pool))
+            .env("MIGRATE_ON_START", "false")
+            .env("REDIS_URL", crate::helpers::redis_url())
+            .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
+            .env("JWT_SECRET", crate::helpers::JWT_SECRET)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "off")
+            .env("RATE_LIMIT_ENABLED", "false")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (sender, lines) = std::sync::mpsc::channel();
+    forward_lines(api.0.stdout.take().unwrap(), sender.clone());
+    forward_lines(api.0.stderr.take().unwrap(), sender);
+    let mut logs = Vec::new();
+    let base = format!("http://{}", listening_address(&lines, &mut logs));
+    std::thread::spawn(move || for _ in lines {});
+    let client = reqwest::Client::new();
+    let email = "sse@example.com";
+    let registered = client
+        .post(format!("{base}/auth/register"))
+        .json(&json!({"name": "S", "email": email, "password": crate::helpers::PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let login = client
+        .post(format!("{base}/auth/login"))
+        .json(&json!({"email": email, "password": crate::helpers::PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let token = json(login).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let created = client
+        .post(format!("{base}/orders/create"))
+        .bearer_auth(&token)
+        .json(&json!({"product_name": "Widget", "amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    let id = json(created).await["id"].as_str().unwrap().to_owned();
+    // Two streams that would stay open for good: a PENDING order with no worker, and all my orders.
+    let mut streams = Vec::new();
+    for path in [format!("/orders/{id}/events"), "/orders/events".to_owned()] {
+        let response = client
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        streams.push(response);
+    }
+    let first = streams[0].chunk().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("PENDING"));
+
+    let sent = Command::new("kill")
+        .args(["-TERM", &api.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Each stream ends (its body finishes) rather than being cut, and the process exits on its own, well before
+    // the 15 s heartbeat or any client would have closed them.
+    for stream in &mut streams {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while stream.chunk().await.unwrap().is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "a stream stayed open after SIGTERM");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = api.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the api did not exit after SIGTERM with streams open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+}
