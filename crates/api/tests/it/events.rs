@@ -395,52 +395,12 @@ async fn a_change_made_while_the_listener_is_down_still_reaches_the_stream(pool:
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
-    use std::process::{Command, Stdio};
+    use crate::helpers::{ApiProcess, database_url_of};
 
-    use crate::observability::{KillOnDrop, forward_lines, listening_address};
-
-    let mut api = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_api"))
-            .env("DATABASE_URL", crate::helpers::database_url_of(&pool))
-            .env("MIGRATE_ON_START", "false")
-            .env("REDIS_URL", crate::helpers::redis_url())
-            .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
-            .env("JWT_SECRET", crate::helpers::JWT_SECRET)
-            .env("BIND_ADDR", "127.0.0.1:0")
-            .env("METRICS_ADDR", "off")
-            .env("RATE_LIMIT_ENABLED", "false")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (sender, lines) = std::sync::mpsc::channel();
-    forward_lines(api.0.stdout.take().unwrap(), sender.clone());
-    forward_lines(api.0.stderr.take().unwrap(), sender);
-    let mut logs = Vec::new();
-    let base = format!("http://{}", listening_address(&lines, &mut logs));
-    std::thread::spawn(move || for _ in lines {});
+    let mut api = ApiProcess::spawn(&database_url_of(&pool), |_| {});
+    let base = api.base.clone();
     let client = reqwest::Client::new();
-    let email = "sse@example.com";
-    let registered = client
-        .post(format!("{base}/auth/register"))
-        .json(&json!({"name": "S", "email": email, "password": crate::helpers::PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), StatusCode::CREATED);
-    let login = client
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": email, "password": crate::helpers::PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = json(login).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.register_and_login(&client, "sse@example.com").await;
     let created = client
         .post(format!("{base}/orders/create"))
         .bearer_auth(&token)
@@ -464,8 +424,8 @@ async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
     let first = streams[0].chunk().await.unwrap().unwrap();
     assert!(std::str::from_utf8(&first).unwrap().contains("PENDING"));
 
-    let sent = Command::new("kill")
-        .args(["-TERM", &api.0.id().to_string()])
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &api.child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
@@ -480,7 +440,7 @@ async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = api.0.try_wait().unwrap() {
+        if let Some(status) = api.child.0.try_wait().unwrap() {
             break status;
         }
         assert!(

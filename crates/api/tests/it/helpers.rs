@@ -1,4 +1,10 @@
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, PoisonError, mpsc},
+    time::{Duration, Instant},
+};
 
 use api::{App, Config, config::RateLimits};
 use clap::Parser;
@@ -194,19 +200,166 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.redis_url.as_str()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.queue_name))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        delete_queue_keys(&self.redis_url, &self.queue_name);
+    }
+}
+
+/// Deletes every Redis key of the queue `queue_name` (its jobs, and the rate limits counted under it).
+pub fn delete_queue_keys(redis_url: &str, queue_name: &str) {
+    let Ok(client) = redis::Client::open(redis_url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{queue_name}:*"))
+        .query(&mut conn)
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+    }
+}
+
+/// Forwards each line a child writes to `stream`, from a thread of its own: the test can watch for a line while
+/// the child runs, and a pipe nobody reads never fills up and blocks the child.
+pub fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
         }
+    });
+}
+
+/// A child process that is killed if the test fails before it stops the child itself.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Does nothing once the child has been waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The address in the api's `listening` line (`LOG_FORMAT=json`), which it logs once bound: with
+/// `BIND_ADDR=127.0.0.1:0` the system picks a free port and only the api knows which. Every line read on the
+/// way is kept in `logs`.
+pub fn listening_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|err| {
+                panic!(
+                    "no `listening` line from the api ({err}); it wrote:\n{}",
+                    logs.join("\n")
+                )
+            });
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        logs.push(line);
+        if event["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening"))
+        {
+            return event["addr"]
+                .as_str()
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {}", logs.last().unwrap()));
+        }
+    }
+}
+
+/// The real `api` binary, on a free port, with its output kept for failure messages.
+pub struct ApiProcess {
+    pub child: KillOnDrop,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    queue_name: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ApiProcess {
+    /// Starts the api on `database_url` (already migrated) with a queue of its own, rate limits off and JSON logs;
+    /// `configure` adds or overrides environment variables. Returns once it listens.
+    pub fn spawn(database_url: &str, configure: impl FnOnce(&mut Command)) -> Self {
+        let queue_name = format!("test-{}", Uuid::now_v7());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_api"));
+        command
+            .env("DATABASE_URL", database_url)
+            .env("MIGRATE_ON_START", "false")
+            .env("REDIS_URL", redis_url())
+            .env("QUEUE_NAME", &queue_name)
+            .env("JWT_SECRET", JWT_SECRET)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "off")
+            .env("RATE_LIMIT_ENABLED", "false")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = KillOnDrop(command.spawn().expect("the api binary starts"));
+        let (sender, lines) = mpsc::channel();
+        forward_lines(child.0.stdout.take().unwrap(), sender.clone());
+        forward_lines(child.0.stderr.take().unwrap(), sender);
+        let mut logs = Vec::new();
+        let base = format!("http://{}", listening_address(&lines, &mut logs));
+        let logs = Arc::new(Mutex::new(logs));
+        // Keep draining its output (a full pipe would block it), kept for failure messages.
+        let kept = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in lines {
+                kept.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+            }
+        });
+        Self {
+            child,
+            base,
+            queue_name,
+            logs,
+        }
+    }
+
+    /// Everything it wrote so far.
+    pub fn logs(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .join("\n")
+    }
+
+    /// A new user registered with `email` and logged in: its access token.
+    pub async fn register_and_login(&self, client: &Client, email: &str) -> String {
+        let registered = client
+            .post(format!("{}/auth/register", self.base))
+            .json(&json!({"name": "Ada", "email": email, "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), StatusCode::CREATED, "{}", self.logs());
+        let login = client
+            .post(format!("{}/auth/login", self.base))
+            .json(&json!({"email": email, "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), StatusCode::OK, "{}", self.logs());
+        json(login).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        delete_queue_keys(&redis_url(), &self.queue_name);
     }
 }
 

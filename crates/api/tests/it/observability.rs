@@ -1,18 +1,17 @@
 //! What ops see: Prometheus metrics, request ids, and logs without secrets.
 
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
 };
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{PASSWORD, TestApp, database_url_of, json};
+use crate::helpers::{
+    KillOnDrop, PASSWORD, TestApp, database_url_of, forward_lines, json, listening_address,
+};
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn metrics_list_requests_latencies_and_orders_created(pool: PgPool) {
@@ -85,61 +84,6 @@ async fn a_request_id_is_returned_and_generated_when_missing_or_unusable(pool: P
         .await
         .unwrap();
     assert!(uuid::Uuid::parse_str(forged.headers()["x-request-id"].to_str().unwrap()).is_ok());
-}
-
-/// Forwards each line a child writes to `stream`, from a thread of its own: the test can watch for a line while
-/// the child runs, and a pipe nobody reads never fills up and blocks the child.
-pub(crate) fn forward_lines(stream: impl Read + Send + 'static, lines: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-/// A child process that is killed if the test fails before it stops the child itself.
-pub(crate) struct KillOnDrop(pub(crate) Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // Does nothing once the child has been waited for.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The address in the api's `listening` line (`LOG_FORMAT=json`), which it logs once bound: with
-/// `BIND_ADDR=127.0.0.1:0` the system picks a free port and only the api knows which. Every line read on the
-/// way is kept in `logs`.
-pub(crate) fn listening_address(
-    lines: &mpsc::Receiver<String>,
-    logs: &mut Vec<String>,
-) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|err| {
-                panic!(
-                    "no `listening` line from the api ({err}); it wrote:\n{}",
-                    logs.join("\n")
-                )
-            });
-        let event: Value = serde_json::from_str(&line).unwrap_or_default();
-        logs.push(line);
-        if event["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("listening"))
-        {
-            return event["addr"]
-                .as_str()
-                .and_then(|addr| addr.parse().ok())
-                .unwrap_or_else(|| panic!("no address in {}", logs.last().unwrap()));
-        }
-    }
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]

@@ -9,7 +9,6 @@
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
-    sync::{Arc, Mutex, PoisonError, mpsc},
     time::{Duration, Instant},
 };
 
@@ -21,10 +20,7 @@ use sqlx::{
     postgres::{PgPoolOptions, PgRow},
 };
 
-use crate::{
-    helpers::{JWT_SECRET, PASSWORD, json, redis_url, test_config},
-    observability::{KillOnDrop, forward_lines, listening_address},
-};
+use crate::helpers::{ApiProcess, KillOnDrop, json, test_config};
 
 /// The PgBouncer binary: Debian's package puts it in /usr/sbin, which a non-root `PATH` may lack.
 fn pgbouncer_binary() -> &'static str {
@@ -224,46 +220,14 @@ fn database_name(db: &PgPool) -> String {
         .to_owned()
 }
 
-/// The api binary with its in-process worker, on `database_url`; every line it writes is kept in the logs
-/// returned.
-fn spawn_api(database_url: &str) -> (KillOnDrop, String, Arc<Mutex<Vec<String>>>) {
-    let mut api = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_api"))
-            .env("DATABASE_URL", database_url)
-            // Migrations go to PostgreSQL directly, never through PgBouncer (the README says so); the test
-            // database is migrated already.
-            .env("MIGRATE_ON_START", "false")
-            .env("REDIS_URL", redis_url())
-            .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
-            .env("JWT_SECRET", JWT_SECRET)
-            .env("BIND_ADDR", "127.0.0.1:0")
-            .env("METRICS_ADDR", "off")
+/// The api binary with its in-process worker, on `database_url` (migrations go to PostgreSQL directly, never
+/// through PgBouncer, as the README says; the test database is migrated already).
+fn spawn_api(database_url: &str) -> ApiProcess {
+    ApiProcess::spawn(database_url, |command| {
+        command
             .env("WITH_WORKER", "true")
-            .env("ORDER_STAGE_DELAY_MS", "20")
-            .env("RATE_LIMIT_ENABLED", "false")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (sender, lines) = mpsc::channel();
-    forward_lines(api.0.stdout.take().unwrap(), sender.clone());
-    forward_lines(api.0.stderr.take().unwrap(), sender);
-    let mut logs = Vec::new();
-    let base = format!("http://{}", listening_address(&lines, &mut logs));
-    let logs = Arc::new(Mutex::new(logs));
-    // Keep draining its output (so that it never blocks on a full pipe), kept for failure messages.
-    let kept = Arc::clone(&logs);
-    std::thread::spawn(move || {
-        for line in lines {
-            kept.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(line);
-        }
-    });
-    (api, base, logs)
+            .env("ORDER_STAGE_DELAY_MS", "20");
+    })
 }
 
 /// Orders the test creates: a few one after the other, the rest at once.
@@ -287,12 +251,9 @@ async fn through_pgbouncer_in_session_mode_orders_are_created_and_completed(db: 
         .unwrap();
     }
     let bouncer = PgBouncer::start("session", &[("default_pool_size", "20")]);
-    let (_api, base, logs) = spawn_api(&bouncer.url(&name));
-    let api_logs = || {
-        logs.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .join("\n")
-    };
+    let api = spawn_api(&bouncer.url(&name));
+    let base = api.base.clone();
+    let api_logs = || api.logs();
     let client = Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -304,24 +265,7 @@ async fn through_pgbouncer_in_session_mode_orders_are_created_and_completed(db: 
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK, "{}", json(ready).await);
-    let registered = client
-        .post(format!("{base}/auth/register"))
-        .json(&json!({"name": "Ada", "email": "ada@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), StatusCode::CREATED, "{}", api_logs());
-    let login = client
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": "ada@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(login.status(), StatusCode::OK);
-    let token = json(login).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.register_and_login(&client, "ada@example.com").await;
     let create = |n: usize| {
         let request = client
             .post(format!("{base}/orders/create"))

@@ -22,7 +22,9 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::helpers::{JWT_SECRET, PASSWORD, database_url_of, redis_url, retry_after};
+use crate::helpers::{
+    JWT_SECRET, PASSWORD, database_url_of, delete_queue_keys, redis_url, retry_after,
+};
 
 /// Orders created in the first test...
 const ORDERS: usize = 1000;
@@ -303,19 +305,7 @@ impl Drop for Fleet {
                 self.logs_text()
             );
         }
-        let Ok(client) = redis::Client::open(redis_url()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.queue_name))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
-        }
+        delete_queue_keys(&redis_url(), &self.queue_name);
     }
 }
 

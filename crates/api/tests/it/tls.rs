@@ -4,7 +4,6 @@
 
 use std::{
     process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -12,10 +11,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::{
-    helpers::{PASSWORD, TestApp, database_url_of, json, test_config},
-    observability::{KillOnDrop, forward_lines, listening_address},
-};
+use crate::helpers::{ApiProcess, KillOnDrop, TestApp, database_url_of, json, test_config};
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn with_sslmode_require_every_connection_of_the_api_is_encrypted(db: PgPool) {
@@ -208,45 +204,27 @@ impl Drop for TlsRedis {
 }
 
 /// The api binary with its in-process worker, on `redis_url`; `ca` is the only root it trusts for Redis's TLS.
-fn spawn_api(db: &PgPool, redis_url: &str, ca: Option<&std::path::Path>) -> (KillOnDrop, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_api"));
-    command
-        .env("DATABASE_URL", database_url_of(db))
-        .env("MIGRATE_ON_START", "false")
-        .env("REDIS_URL", redis_url)
-        .env("QUEUE_NAME", format!("test-{}", uuid::Uuid::now_v7()))
-        .env("JWT_SECRET", crate::helpers::JWT_SECRET)
-        .env("BIND_ADDR", "127.0.0.1:0")
-        .env("METRICS_ADDR", "off")
-        .env("WITH_WORKER", "true")
-        .env("ORDER_STAGE_DELAY_MS", "0")
-        .env("RATE_LIMIT_ENABLED", "false")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .env_remove("SSL_CERT_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    match ca {
-        Some(ca) => command.env("SSL_CERT_FILE", ca),
-        // An empty bundle: no root at all is trusted.
-        None => command.env("SSL_CERT_FILE", "/dev/null"),
-    };
-    let mut api = KillOnDrop(command.spawn().unwrap());
-    let (sender, lines) = mpsc::channel();
-    forward_lines(api.0.stdout.take().unwrap(), sender.clone());
-    forward_lines(api.0.stderr.take().unwrap(), sender);
-    let mut logs = Vec::new();
-    let base = format!("http://{}", listening_address(&lines, &mut logs));
-    // Keep draining its output, so that it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (api, base)
+fn spawn_api(db: &PgPool, redis_url: &str, ca: Option<&std::path::Path>) -> ApiProcess {
+    ApiProcess::spawn(&database_url_of(db), |command| {
+        command
+            .env("REDIS_URL", redis_url)
+            .env("WITH_WORKER", "true")
+            .env("ORDER_STAGE_DELAY_MS", "0")
+            .env_remove("SSL_CERT_DIR")
+            // Without a CA, an empty bundle: no root at all is trusted.
+            .env(
+                "SSL_CERT_FILE",
+                ca.map_or("/dev/null".as_ref(), std::path::Path::as_os_str),
+            );
+    })
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn over_rediss_orders_are_queued_and_completed_through_a_tls_redis(db: PgPool) {
     let redis = TlsRedis::start();
     let url = format!("rediss://localhost:{}/0", redis.port);
-    let (_api, base) = spawn_api(&db, &url, Some(&redis.ca()));
+    let api = spawn_api(&db, &url, Some(&redis.ca()));
+    let base = api.base.clone();
     let client = reqwest::Client::new();
     let ready = client
         .get(format!("{base}/health/ready"))
@@ -259,23 +237,7 @@ async fn over_rediss_orders_are_queued_and_completed_through_a_tls_redis(db: PgP
         "{}",
         ready.text().await.unwrap()
     );
-    let registered = client
-        .post(format!("{base}/auth/register"))
-        .json(&json!({"name": "Ada", "email": "ada@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), StatusCode::CREATED);
-    let login = client
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": "ada@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = json(login).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.register_and_login(&client, "ada@example.com").await;
     let created = client
         .post(format!("{base}/orders/create"))
         .bearer_auth(&token)
@@ -315,8 +277,10 @@ async fn over_rediss_orders_are_queued_and_completed_through_a_tls_redis(db: PgP
 async fn a_tls_redis_whose_certificate_no_trusted_root_signed_is_refused(db: PgPool) {
     let redis = TlsRedis::start();
     let url = format!("rediss://localhost:{}/0", redis.port);
-    let (_api, base) = spawn_api(&db, &url, None);
-    let ready = reqwest::get(format!("{base}/health/ready")).await.unwrap();
+    let api = spawn_api(&db, &url, None);
+    let ready = reqwest::get(format!("{}/health/ready", api.base))
+        .await
+        .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = json(ready).await;
     assert_eq!(body["redis"], "unavailable", "{body}");
