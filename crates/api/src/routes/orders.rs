@@ -418,12 +418,7 @@ async fn list_my_orders(
     } else {
         None
     };
-    let mut response = json_list(
-        &orders
-            .into_iter()
-            .map(OrderResponse::from)
-            .collect::<Vec<_>>(),
-    );
+    let mut response = json_list(&orders);
     if let Some(next) = next {
         let status = query
             .status
@@ -440,21 +435,62 @@ async fn list_my_orders(
     Ok(response)
 }
 
-/// A list of orders as a JSON response, written into a buffer sized for it up front (an order takes about 250
-/// bytes; axum's `Json` starts at 128 bytes and reallocates its way up to a page of 50).
-fn json_list(orders: &[OrderResponse]) -> Response {
+/// A list of orders as a JSON response: the bytes `serde_json` would write for `[OrderResponse]`, written
+/// directly into a buffer sized up front (an order takes about 250 bytes). Through serde, every uuid and timestamp
+/// was formatted into a string of its own and then scanned for characters to escape, which have none: about a
+/// tenth of the api's CPU on pages of 50. `json_list_matches_serde` pins the output to serde's, byte for byte.
+fn json_list(orders: &[Order]) -> Response {
     let mut body = Vec::with_capacity(orders.len() * 256 + 2);
-    match serde_json::to_writer(&mut body, orders) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
-        Err(err) => ApiError::Internal(err.into()).into_response(),
+    body.push(b'[');
+    for (at, order) in orders.iter().enumerate() {
+        if at > 0 {
+            body.push(b',');
+        }
+        if let Err(err) = write_order(&mut body, order) {
+            return ApiError::Internal(err.into()).into_response();
+        }
     }
+    body.push(b']');
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// One order as `OrderResponse` serializes it (same fields, same order, same text).
+fn write_order(out: &mut Vec<u8>, order: &Order) -> serde_json::Result<()> {
+    let mut uuid = Uuid::encode_buffer();
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(order.id.0.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(b"\",\"user_id\":\"");
+    out.extend_from_slice(
+        order
+            .user_id
+            .0
+            .hyphenated()
+            .encode_lower(&mut uuid)
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"product_name\":");
+    // The only field a client chose: escaped by serde_json.
+    serde_json::to_writer(&mut *out, &order.product_name)?;
+    out.extend_from_slice(b",\"amount\":");
+    rust_decimal::serde::float::serialize(
+        &order.amount,
+        &mut serde_json::Serializer::new(&mut *out),
+    )?;
+    out.extend_from_slice(b",\"status\":\"");
+    out.extend_from_slice(order.status.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"created_at\":\"");
+    crate::timestamp::write(out, order.created_at);
+    out.extend_from_slice(b"\",\"updated_at\":\"");
+    crate::timestamp::write(out, order.updated_at);
+    out.extend_from_slice(b"\"}");
+    Ok(())
 }
 
 /// One of my orders.
@@ -517,6 +553,78 @@ async fn cancel_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_list_matches_serde() {
+        let at = |micros: i64| DateTime::from_timestamp_micros(micros).unwrap();
+        let order = |name: &str, cents: i64, status, created: i64, updated: i64| Order {
+            id: OrderId::new(),
+            user_id: orders_core::domain::UserId(Uuid::now_v7()),
+            product_name: name.to_owned(),
+            amount: rust_decimal::Decimal::new(cents, 2),
+            status,
+            created_at: at(created),
+            updated_at: at(updated),
+        };
+        let orders = vec![
+            order(
+                "Widget",
+                1999,
+                OrderStatus::Pending,
+                1_764_000_000_123_456,
+                1_764_000_000_123_456,
+            ),
+            order(
+                "\"quoted\" \\ back\tslash",
+                100,
+                OrderStatus::Processing,
+                1_764_000_000_000_000,
+                1_764_000_001_120_000,
+            ),
+            order(
+                "émoji 🎉 and \u{2028}",
+                99_999_999_999,
+                OrderStatus::Completed,
+                0,
+                1,
+            ),
+            order(
+                "Ω",
+                2000,
+                OrderStatus::Cancelled,
+                1_764_000_000_500_000,
+                1_764_000_002_000_001,
+            ),
+            order(
+                "1",
+                1,
+                OrderStatus::Pending,
+                -1_000_000,
+                253_402_300_799_999_999,
+            ),
+        ];
+        for page in [&orders[..0], &orders[..1], &orders[..]] {
+            let response = json_list(page);
+            let body = futures_util::FutureExt::now_or_never(axum::body::to_bytes(
+                response.into_body(),
+                usize::MAX,
+            ))
+            .unwrap()
+            .unwrap();
+            let expected = serde_json::to_vec(
+                &page
+                    .iter()
+                    .cloned()
+                    .map(OrderResponse::from)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(body.to_vec()).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
