@@ -4,19 +4,26 @@
 -- LISTENs on one connection and hands the events to its open streams (server-sent events); a stream that may have
 -- missed some (its listener reconnected) reads them back from order_status_history by id.
 --
--- The payload is small and fixed: the history row's id (the event id clients resume from), the order, its owner,
--- the new status and when it changed (microseconds since the Unix epoch).
+-- The payload is the order as of the change: the history row's id (the event id clients resume from), the order's
+-- fields with the new status, and the times in microseconds since the Unix epoch (the amount as text, exactly).
+-- Streams send it as it comes, without reading the order again.
 
 create function announce_order_status_change() returns trigger
     language plpgsql as $$
 begin
-    perform pg_notify('order_events', json_build_object(
-        'id', new.id,
-        'order_id', new.order_id,
-        'user_id', (select o.user_id from orders o where o.id = new.order_id),
-        'status', new.status,
-        'changed_at_us', (extract(epoch from new.changed_at) * 1000000)::bigint
-    )::text);
+    perform pg_notify('order_events', (
+        select json_build_object(
+            'id', new.id,
+            'order_id', o.id,
+            'user_id', o.user_id,
+            'product_name', o.product_name,
+            'amount', o.amount::text,
+            'status', new.status,
+            'created_at_us', (extract(epoch from o.created_at) * 1000000)::bigint,
+            'changed_at_us', (extract(epoch from new.changed_at) * 1000000)::bigint
+        )::text
+        from orders o where o.id = new.order_id
+    ));
     return null;
 end;
 $$;

@@ -1,48 +1,53 @@
-//! Live order status for server-sent events: one `LISTEN order_events` connection per api process, fanned out
-//! to every open stream of that process through a broadcast channel, and the bounds on how many streams are open.
+//! Live order status for server-sent events: one `LISTEN order_events` connection per api process, whose
+//! changes go to the streams watching that order or that user (and to no other), and the bounds on how many
+//! streams are open.
 //!
 //! PostgreSQL announces each status change when the transaction that makes it commits (a trigger on
 //! `order_status_history`), so a change made by any worker or any api replica reaches the streams of every
-//! replica. Notifications are not stored: when the listener loses its connection, or a stream falls behind the
-//! channel, the stream reads what it may have missed back from `order_status_history` after the last id it sent
-//! ([`Signal::Resync`]).
+//! replica. Notifications are not stored: when the listener loses its connection ([`Subscription::resync`]), or
+//! a stream falls [`WATCHER_CAPACITY`] changes behind ([`Subscription::lagged`]), the stream reads what it may
+//! have missed back from `order_status_history` after the last id it sent.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use orders_core::{
     db::events::{CHANNEL, StatusChange},
-    domain::UserId,
+    domain::{OrderId, UserId},
 };
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 
 /// Changes buffered per stream; a stream further behind than this reads the rest from the history.
-const CHANNEL_CAPACITY: usize = 1024;
+pub const WATCHER_CAPACITY: usize = 64;
 
-/// What the listener tells the streams.
-#[derive(Debug, Clone)]
-pub enum Signal {
-    /// A status change, as PostgreSQL announced it.
-    Change(StatusChange),
-    /// The listener reconnected: changes made meanwhile were not announced here, so every stream reads the
-    /// history after the last change it sent.
-    Resync,
+/// What a stream watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// One order's changes.
+    Order(OrderId),
+    /// The changes of all of one user's orders.
+    User(UserId),
 }
 
 /// The streams' side of the listener, and their bounds. One per process; cheap to share.
 #[derive(Debug)]
 pub struct Hub {
-    signals: broadcast::Sender<Signal>,
+    /// Every stream, when the listener reconnected: changes may have been missed.
+    resyncs: broadcast::Sender<()>,
+    watchers: Mutex<Watchers>,
     open: Mutex<Open>,
     max_per_user: u32,
     max_total: u32,
@@ -51,16 +56,62 @@ pub struct Hub {
 }
 
 #[derive(Debug, Default)]
+struct Watchers {
+    next_id: u64,
+    by_topic: HashMap<Topic, Vec<Watcher>>,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    id: u64,
+    changes: mpsc::Sender<Arc<StatusChange>>,
+    lagged: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
 struct Open {
     total: u32,
     per_user: HashMap<UserId, u32>,
+}
+
+/// One stream's feed: the changes of its topic, a flag raised when some did not fit, and the listener's
+/// reconnections. Unregisters itself when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    topic: Topic,
+    id: u64,
+    /// Changes of the topic, in the order PostgreSQL announced them (shared: one change may go to many streams,
+    /// and a channel slot holds a pointer, not an order).
+    pub changes: mpsc::Receiver<Arc<StatusChange>>,
+    /// Raised when a change did not fit in `changes`: read the history.
+    pub lagged: Arc<AtomicBool>,
+    /// A message each time the listener reconnected: read the history.
+    pub resync: broadcast::Receiver<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut watchers = self
+            .hub
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = watchers.by_topic.get_mut(&self.topic) {
+            list.retain(|watcher| watcher.id != self.id);
+            if list.is_empty() {
+                watchers.by_topic.remove(&self.topic);
+            }
+        }
+    }
 }
 
 impl Hub {
     /// A hub allowing `max_per_user` streams per user and `max_total` in all.
     pub fn new(max_per_user: u32, max_total: u32) -> Arc<Self> {
         Arc::new(Self {
-            signals: broadcast::channel(CHANNEL_CAPACITY).0,
+            resyncs: broadcast::channel(16).0,
+            watchers: Mutex::default(),
             open: Mutex::default(),
             max_per_user,
             max_total,
@@ -68,9 +119,43 @@ impl Hub {
         })
     }
 
-    /// Signals from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
-        self.signals.subscribe()
+    /// Changes of `topic` from now on.
+    pub fn subscribe(self: &Arc<Self>, topic: Topic) -> Subscription {
+        let (sender, changes) = mpsc::channel(WATCHER_CAPACITY);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        watchers.next_id += 1;
+        let id = watchers.next_id;
+        watchers.by_topic.entry(topic).or_default().push(Watcher {
+            id,
+            changes: sender,
+            lagged: lagged.clone(),
+        });
+        Subscription {
+            hub: self.clone(),
+            topic,
+            id,
+            changes,
+            lagged,
+            resync: self.resyncs.subscribe(),
+        }
+    }
+
+    /// Hands `change` to the streams of its order and of its owner.
+    fn dispatch(&self, change: &Arc<StatusChange>) {
+        let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        for topic in [
+            Topic::Order(change.order.id),
+            Topic::User(change.order.user_id),
+        ] {
+            for watcher in watchers.by_topic.get(&topic).into_iter().flatten() {
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    watcher.changes.try_send(change.clone())
+                {
+                    watcher.lagged.store(true, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Takes a slot for a new stream of `user`, released when the slot is dropped.
@@ -136,20 +221,19 @@ impl Hub {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            // Listening (again): what was announced before is gone, so the streams read it back. The first time
+            // too: a stream may have opened, and its order changed, before this listener was up.
             if !std::mem::take(&mut first) {
-                // Listening again: what was announced meanwhile is gone, so the streams read it back.
                 tracing::info!(
                     "order events listener reconnected; streams catch up from the history"
                 );
                 metrics::counter!("sse_listener_reconnects_total").increment(1);
-                let _ = self.signals.send(Signal::Resync);
             }
+            let _ = self.resyncs.send(());
             loop {
                 match listener.try_recv().await {
                     Ok(Some(notification)) => match StatusChange::parse(notification.payload()) {
-                        Ok(change) => {
-                            let _ = self.signals.send(Signal::Change(change));
-                        }
+                        Ok(change) => self.dispatch(&Arc::new(change)),
                         Err(err) => tracing::warn!(error = %err, "unreadable order event"),
                     },
                     // sqlx reconnected and listens again, but what was announced meanwhile is gone.
@@ -158,7 +242,7 @@ impl Hub {
                             "order events listener reconnected; streams catch up from the history"
                         );
                         metrics::counter!("sse_listener_reconnects_total").increment(1);
-                        let _ = self.signals.send(Signal::Resync);
+                        let _ = self.resyncs.send(());
                     }
                     // It could not reconnect: start over with a new listener (which resyncs once it listens).
                     Err(err) => {

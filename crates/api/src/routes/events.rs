@@ -4,6 +4,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     convert::Infallible,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -23,13 +24,13 @@ use orders_core::{
     },
     domain::{Order, OrderId, UserId},
 };
-use tokio::sync::broadcast::{Receiver, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::AuthUser,
     error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
-    events::{Signal, Slot},
+    events::{Slot, Subscription, Topic},
     extract::OrderPath,
     loc,
     routes::orders::OrderResponse,
@@ -73,36 +74,36 @@ async fn order_events(
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
     let slot = state.events.open(user.user_id)?;
-    // Subscribed before anything is read, so that no change falls between the read and the first signal.
-    let signals = state.events.subscribe();
+    // Subscribed before anything is read, so that no change falls between the read and the first one sent.
+    let feed = state.events.subscribe(Topic::Order(id));
     let Some(order) = db::find_order(&state.db, user.user_id, id).await? else {
         return Err(ApiError::NotFound("Order not found"));
     };
     let mut watch = OrderWatch {
         state,
-        signals,
+        feed,
         _slot: slot,
-        order,
+        order: order.id,
         cursor: 0,
         queue: VecDeque::new(),
         done: false,
     };
+    let final_now = order.status.is_final();
     match after {
         Some(after) => {
             watch.cursor = after;
             let missed = events::changes_of_order(&watch.state.db, id, after).await?;
             missed.into_iter().for_each(|change| watch.push(change));
             // Nothing missed and nothing more to come.
-            if watch.queue.is_empty() && watch.order.status.is_final() {
+            if watch.queue.is_empty() && final_now {
                 watch.done = true;
             }
         }
         None => {
             let last = events::last_change_of_order(&watch.state.db, id).await?;
-            let now = watch.order.clone();
             watch.cursor = last;
-            watch.done = now.status.is_final();
-            watch.queue.push_back(status_event(last, now));
+            watch.done = final_now;
+            watch.queue.push_back(status_event(last, order));
         }
     }
     Ok(sse(stream::unfold(watch, OrderWatch::next)))
@@ -131,7 +132,7 @@ async fn my_order_events(
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
     let slot = state.events.open(user.user_id)?;
-    let signals = state.events.subscribe();
+    let feed = state.events.subscribe(Topic::User(user.user_id));
     if orders_core::db::users::find_user(&state.db, user.user_id)
         .await?
         .is_none()
@@ -140,7 +141,7 @@ async fn my_order_events(
     }
     let mut watch = UserWatch {
         state,
-        signals,
+        feed,
         _slot: slot,
         user: user.user_id,
         floor: 0,
@@ -191,28 +192,24 @@ fn status_event(id: i64, order: Order) -> Event {
         .data(data)
 }
 
-/// `order` as it was right after `change`.
-fn as_of(mut order: Order, change: &StatusChange) -> Order {
-    order.status = change.status;
-    order.updated_at = change.changed_at;
-    order
-}
-
-/// What to do with a signal.
+/// What woke a stream.
 enum Next {
     Change(StatusChange),
     CatchUp,
     Stop,
 }
 
-/// Waits for the next signal, or for the shutdown.
-async fn next_signal(state: &AppState, signals: &mut Receiver<Signal>) -> Next {
+/// Waits for the next change of the stream's topic, a reason to read the history, or the shutdown.
+async fn next_signal(state: &AppState, feed: &mut Subscription) -> Next {
+    if feed.lagged.swap(false, Ordering::Relaxed) {
+        return Next::CatchUp;
+    }
     tokio::select! {
         () = state.events.shutdown.cancelled() => Next::Stop,
-        signal = signals.recv() => match signal {
-            Ok(Signal::Change(change)) => Next::Change(change),
-            // Reconnected listener, or a stream so slow that the channel overtook it: read the history.
-            Ok(Signal::Resync) | Err(RecvError::Lagged(_)) => Next::CatchUp,
+        change = feed.changes.recv() => change.map_or(Next::Stop, |change| Next::Change(Arc::unwrap_or_clone(change))),
+        resync = feed.resync.recv() => match resync {
+            // The listener reconnected (or, lagged, did so often): read the history.
+            Ok(()) | Err(RecvError::Lagged(_)) => Next::CatchUp,
             Err(RecvError::Closed) => Next::Stop,
         },
     }
@@ -221,9 +218,9 @@ async fn next_signal(state: &AppState, signals: &mut Receiver<Signal>) -> Next {
 /// The state of one order's stream.
 struct OrderWatch {
     state: AppState,
-    signals: Receiver<Signal>,
+    feed: Subscription,
     _slot: Slot,
-    order: Order,
+    order: OrderId,
     /// The last change sent (or skipped as already known).
     cursor: i64,
     queue: VecDeque<Event>,
@@ -237,9 +234,8 @@ impl OrderWatch {
             return;
         }
         self.cursor = change.id;
-        self.done = change.status.is_final();
-        let order = as_of(self.order.clone(), &change);
-        self.queue.push_back(status_event(change.id, order));
+        self.done = change.order.status.is_final();
+        self.queue.push_back(status_event(change.id, change.order));
     }
 
     async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
@@ -250,12 +246,10 @@ impl OrderWatch {
             if self.done {
                 return None;
             }
-            match next_signal(&self.state, &mut self.signals).await {
-                Next::Change(change) if change.order_id == self.order.id => self.push(change),
-                Next::Change(_) => {}
+            match next_signal(&self.state, &mut self.feed).await {
+                Next::Change(change) => self.push(change),
                 Next::CatchUp => {
-                    match events::changes_of_order(&self.state.db, self.order.id, self.cursor).await
-                    {
+                    match events::changes_of_order(&self.state.db, self.order, self.cursor).await {
                         Ok(missed) => missed.into_iter().for_each(|change| self.push(change)),
                         // The client reconnects with Last-Event-ID and gets them then.
                         Err(err) => {
@@ -273,7 +267,7 @@ impl OrderWatch {
 /// The state of a stream of all of one user's orders.
 struct UserWatch {
     state: AppState,
-    signals: Receiver<Signal>,
+    feed: Subscription,
     _slot: Slot,
     user: UserId,
     /// Changes up to this id were sent or came before the stream: catching up reads after it.
@@ -284,27 +278,19 @@ struct UserWatch {
 }
 
 impl UserWatch {
-    /// Queues `change` unless it was sent already; reads the order it belongs to.
-    async fn push(&mut self, change: StatusChange) -> sqlx::Result<()> {
-        if change.id <= self.floor
-            || self
-                .sent
-                .get(&change.order_id)
-                .is_some_and(|last| change.id <= *last)
-        {
-            return Ok(());
+    /// Queues `change` unless it was sent already.
+    fn push(&mut self, change: StatusChange) {
+        let order = change.order.id;
+        if change.id <= self.floor || self.sent.get(&order).is_some_and(|last| change.id <= *last) {
+            return;
         }
-        let Some(order) = db::find_order(&self.state.db, self.user, change.order_id).await? else {
-            return Ok(());
-        };
-        self.sent.insert(change.order_id, change.id);
-        if change.status.is_final() {
+        if change.order.status.is_final() {
             // No change of it will follow.
-            self.sent.remove(&change.order_id);
+            self.sent.remove(&order);
+        } else {
+            self.sent.insert(order, change.id);
         }
-        self.queue
-            .push_back(status_event(change.id, as_of(order, &change)));
-        Ok(())
+        self.queue.push_back(status_event(change.id, change.order));
     }
 
     /// Queues every change of the user's orders after `floor`, and moves `floor` to the last of them.
@@ -313,9 +299,7 @@ impl UserWatch {
             let missed = events::changes_of_user(&self.state.db, self.user, self.floor).await?;
             let full = missed.len() as i64 == events::USER_CHANGES_PAGE;
             let last = missed.last().map(|change| change.id);
-            for change in missed {
-                self.push(change).await?;
-            }
+            missed.into_iter().for_each(|change| self.push(change));
             if let Some(last) = last {
                 self.floor = self.floor.max(last);
             }
@@ -330,15 +314,15 @@ impl UserWatch {
             if let Some(event) = self.queue.pop_front() {
                 return Some((Ok(event), self));
             }
-            let outcome = match next_signal(&self.state, &mut self.signals).await {
-                Next::Change(change) if change.user_id == self.user => self.push(change).await,
-                Next::Change(_) => Ok(()),
-                Next::CatchUp => self.catch_up().await,
+            match next_signal(&self.state, &mut self.feed).await {
+                Next::Change(change) => self.push(change),
+                Next::CatchUp => {
+                    if let Err(err) = self.catch_up().await {
+                        tracing::warn!(error = %err, "cannot read missed order events; closing the stream");
+                        return None;
+                    }
+                }
                 Next::Stop => return None,
-            };
-            if let Err(err) = outcome {
-                tracing::warn!(error = %err, "cannot read order events; closing the stream");
-                return None;
             }
         }
     }

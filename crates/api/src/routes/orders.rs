@@ -566,7 +566,7 @@ mod tests {
             created_at: at(created),
             updated_at: at(updated),
         };
-        let orders = vec![
+        let orders = [
             order(
                 "Widget",
                 1999,

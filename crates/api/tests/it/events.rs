@@ -46,7 +46,8 @@ impl Stream {
         path: &str,
         last_event_id: Option<&str>,
     ) -> reqwest::Response {
-        let mut request = app.client.get(app.url(path)).bearer_auth(token);
+        // A client of its own: the app's has a total timeout, which a stream that stays open would hit.
+        let mut request = reqwest::Client::new().get(app.url(path)).bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }

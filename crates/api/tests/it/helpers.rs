@@ -28,6 +28,9 @@ pub struct TestApp {
     pub db: PgPool,
     pub queue_name: String,
     redis_url: String,
+    /// Stops the app when the test ends: its live-status listener holds a connection to the test's database of its
+    /// own, which would keep sqlx::test from dropping the database.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 pub fn redis_url() -> String {
@@ -61,7 +64,8 @@ impl TestApp {
             .expect("app builds");
         let addr = app.local_addr().expect("bound");
         let metrics_base = app.metrics_addr().map(|addr| format!("http://{addr}"));
-        tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
         Self {
             base: format!("http://{addr}"),
             metrics_base,
@@ -72,6 +76,7 @@ impl TestApp {
             db,
             queue_name,
             redis_url,
+            stop,
         }
     }
 
@@ -200,6 +205,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self.stop.cancel();
         delete_queue_keys(&self.redis_url, &self.queue_name);
     }
 }
