@@ -33,7 +33,7 @@ use crate::{
     events::{Slot, Subscription, Topic},
     extract::OrderPath,
     loc,
-    routes::orders::OrderResponse,
+    routes::orders::order_json,
     state::AppState,
 };
 
@@ -185,7 +185,7 @@ fn last_event_id(headers: &HeaderMap) -> ApiResult<Option<i64>> {
 
 /// One `status` event: `order` as of the change `id`.
 fn status_event(id: i64, order: Order) -> Event {
-    let data = serde_json::to_string(&OrderResponse::from(order)).unwrap_or_default();
+    let data = order_json(&order).unwrap_or_default();
     Event::default()
         .event("status")
         .id(id.to_string())

@@ -461,6 +461,14 @@ fn json_list(orders: &[Order]) -> Response {
         .into_response()
 }
 
+/// One order as JSON text, the bytes `OrderResponse` serializes to (for an event's `data:`).
+pub(crate) fn order_json(order: &Order) -> serde_json::Result<String> {
+    let mut out = Vec::with_capacity(256);
+    write_order(&mut out, order)?;
+    // Only ASCII punctuation and serde_json's own output were written: valid UTF-8.
+    Ok(String::from_utf8(out).unwrap_or_default())
+}
+
 /// One order as `OrderResponse` serializes it (same fields, same order, same text).
 fn write_order(out: &mut Vec<u8>, order: &Order) -> serde_json::Result<()> {
     let mut uuid = Uuid::encode_buffer();

@@ -402,14 +402,7 @@ async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
     let base = api.base.clone();
     let client = reqwest::Client::new();
     let token = api.register_and_login(&client, "sse@example.com").await;
-    let created = client
-        .post(format!("{base}/orders/create"))
-        .bearer_auth(&token)
-        .json(&json!({"product_name": "Widget", "amount": 1}))
-        .send()
-        .await
-        .unwrap();
-    let id = json(created).await["id"].as_str().unwrap().to_owned();
+    let id = api.create_widget(&client, &token).await;
     // Two streams that would stay open for good: a PENDING order with no worker, and all my orders.
     let mut streams = Vec::new();
     for path in [format!("/orders/{id}/events"), "/orders/events".to_owned()] {

@@ -363,6 +363,21 @@ impl ApiProcess {
     }
 }
 
+impl ApiProcess {
+    /// Creates an order (a Widget for 1) as the holder of `token`, answered 201: its id.
+    pub async fn create_widget(&self, client: &Client, token: &str) -> String {
+        let created = client
+            .post(format!("{}/orders/create", self.base))
+            .bearer_auth(token)
+            .json(&json!({"product_name": "Widget", "amount": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED, "{}", self.logs());
+        json(created).await["id"].as_str().unwrap().to_owned()
+    }
+}
+
 impl Drop for ApiProcess {
     fn drop(&mut self) {
         delete_queue_keys(&redis_url(), &self.queue_name);

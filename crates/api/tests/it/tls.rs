@@ -8,7 +8,6 @@ use std::{
 };
 
 use reqwest::StatusCode;
-use serde_json::json;
 use sqlx::PgPool;
 
 use crate::helpers::{ApiProcess, KillOnDrop, TestApp, database_url_of, json, test_config};
@@ -238,15 +237,7 @@ async fn over_rediss_orders_are_queued_and_completed_through_a_tls_redis(db: PgP
         ready.text().await.unwrap()
     );
     let token = api.register_and_login(&client, "ada@example.com").await;
-    let created = client
-        .post(format!("{base}/orders/create"))
-        .bearer_auth(&token)
-        .json(&json!({"product_name": "Widget", "amount": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let id: uuid::Uuid = json(created).await["id"].as_str().unwrap().parse().unwrap();
+    let id: uuid::Uuid = api.create_widget(&client, &token).await.parse().unwrap();
     // The job went through the TLS Redis: the in-process worker fetched it from there and completed the order.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
