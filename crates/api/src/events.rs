@@ -141,18 +141,20 @@ impl Hub {
         }
     }
 
-    /// Hands `change` to the streams of its order and of its owner.
-    fn dispatch(&self, change: &Arc<StatusChange>) {
+    /// Hands each change to the streams of its order and of its owner, under one lock.
+    fn dispatch(&self, changes: Vec<StatusChange>) {
         let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
-        for topic in [
-            Topic::Order(change.order.id),
-            Topic::User(change.order.user_id),
-        ] {
-            for watcher in watchers.by_topic.get(&topic).into_iter().flatten() {
-                if let Err(mpsc::error::TrySendError::Full(_)) =
-                    watcher.changes.try_send(change.clone())
-                {
-                    watcher.lagged.store(true, Ordering::Relaxed);
+        for change in changes.into_iter().map(Arc::new) {
+            for topic in [
+                Topic::Order(change.order.id),
+                Topic::User(change.order.user_id),
+            ] {
+                for watcher in watchers.by_topic.get(&topic).into_iter().flatten() {
+                    if let Err(mpsc::error::TrySendError::Full(_)) =
+                        watcher.changes.try_send(change.clone())
+                    {
+                        watcher.lagged.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -233,7 +235,7 @@ impl Hub {
             loop {
                 match listener.try_recv().await {
                     Ok(Some(notification)) => match StatusChange::parse(notification.payload()) {
-                        Ok(change) => self.dispatch(&Arc::new(change)),
+                        Ok(changes) => self.dispatch(changes),
                         Err(err) => tracing::warn!(error = %err, "unreadable order event"),
                     },
                     // sqlx reconnected and listens again, but what was announced meanwhile is gone.

@@ -35,7 +35,7 @@ impl SseEvent {
 /// An open `text/event-stream` response, read event by event.
 struct Stream {
     response: reqwest::Response,
-    buffer: String,
+    buffer: Vec<u8>,
     comments: usize,
 }
 
@@ -64,7 +64,7 @@ impl Stream {
         );
         Self {
             response,
-            buffer: String::new(),
+            buffer: Vec::new(),
             comments: 0,
         }
     }
@@ -73,8 +73,9 @@ impl Stream {
     async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                // Whole events only: a chunk may end inside a character.
+                let block = String::from_utf8(self.buffer.drain(..end + 2).collect()).unwrap();
                 let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
                 for line in block.lines() {
                     if line.starts_with(':') {
@@ -101,7 +102,7 @@ impl Stream {
                 .expect("no event in time")
                 .unwrap();
             match chunk {
-                Some(bytes) => self.buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
                 None => return None,
             }
         }
@@ -444,4 +445,98 @@ async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_order(
+    pool: PgPool,
+) {
+    // No worker: the batch is made here, one statement claiming 40 orders as the worker's batches do. Their long
+    // names (quotes and two-byte characters included) make about 24 KB of changes, more than one notification
+    // may carry, so the trigger splits them.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let name = format!("Widget \"{i}\" {}", "é".repeat(180));
+        let response = app
+            .create_order(
+                &user.access,
+                &json!({"product_name": name, "amount": 19.90}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        ids.push(json(response).await["id"].as_str().unwrap().to_owned());
+    }
+    let attempts: Vec<_> = ids
+        .iter()
+        .map(|id| orders_core::db::orders::Attempt {
+            id: orders_core::domain::OrderId(id.parse().unwrap()),
+            token: format!("test-{id}"),
+        })
+        .collect();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
+        .await
+        .unwrap();
+    listener.listen("order_events").await.unwrap();
+    let claimed = orders_core::db::orders::claim_for_processing(
+        &app.db,
+        &attempts,
+        Duration::from_secs(60),
+        5,
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), 40);
+    // What the trigger sent: all 40 changes, split over several notifications, each under PostgreSQL's limit.
+    let mut sizes = Vec::new();
+    let mut announced = 0;
+    while announced < 40 {
+        let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("the changes were not all announced")
+            .unwrap();
+        sizes.push(notification.payload().len());
+        announced += orders_core::db::events::StatusChange::parse(notification.payload())
+            .unwrap()
+            .len();
+    }
+    assert_eq!(announced, 40);
+    assert!(sizes.len() > 1, "{sizes:?}");
+    assert!(sizes.iter().all(|&size| size < 8000), "{sizes:?}");
+
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        seen.push(stream.next(Duration::from_secs(10)).await.unwrap());
+    }
+    let event_ids: Vec<i64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert!(
+        event_ids.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {event_ids:?}"
+    );
+    let mut orders: Vec<&str> = seen
+        .iter()
+        .map(|e| e.data["id"].as_str().unwrap())
+        .collect();
+    orders.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(orders, expected, "each order once");
+    for event in &seen {
+        assert_eq!(event.status(), "PROCESSING");
+        assert!(
+            event.data["product_name"]
+                .as_str()
+                .unwrap()
+                .ends_with(&"é".repeat(180))
+        );
+        assert_eq!(event.data["amount"], json!(19.9));
+    }
+    let extra = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.next(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(extra.is_err(), "unexpected event: {extra:?}");
 }

@@ -1,5 +1,5 @@
 //! Status changes as events: what the `order_events` notifications announce (see the migration
-//! `20261125000005_order_events.sql`), and the same read back from `order_status_history` for a stream that may
+//! `20261125000005_order_events.sql` and `20261125000006_order_events_per_statement.sql`), and the same read back from `order_status_history` for a stream that may
 //! have missed some. Either way a change carries the whole order as of that change, so a stream sends it as it
 //! is.
 
@@ -23,7 +23,7 @@ pub struct StatusChange {
     pub order: Order,
 }
 
-/// A notification's payload, as the trigger writes it.
+/// One change in a notification's payload, as the trigger writes it.
 #[derive(Deserialize)]
 struct Announcement {
     id: i64,
@@ -48,9 +48,14 @@ pub enum BadAnnouncement {
 }
 
 impl StatusChange {
-    /// Reads a notification's payload.
-    pub fn parse(payload: &str) -> Result<Self, BadAnnouncement> {
-        let a: Announcement = serde_json::from_str(payload)?;
+    /// Reads a notification's payload: the changes one statement made, oldest first (see the migration
+    /// `20261125000006`).
+    pub fn parse(payload: &str) -> Result<Vec<Self>, BadAnnouncement> {
+        let all: Vec<Announcement> = serde_json::from_str(payload)?;
+        all.into_iter().map(Self::read).collect()
+    }
+
+    fn read(a: Announcement) -> Result<Self, BadAnnouncement> {
         let time = |us| {
             DateTime::from_timestamp_micros(us).ok_or(BadAnnouncement::Value("time out of range"))
         };
@@ -178,13 +183,21 @@ mod tests {
 
     #[test]
     fn a_payload_reads_into_the_order_as_of_the_change() {
-        let change = StatusChange::parse(
-            r#"{"id": 7, "order_id": "01a2137d-8c5e-7712-ab36-a9b261b86c7e",
+        let changes = StatusChange::parse(
+            r#"[{"id": 7, "order_id": "01a2137d-8c5e-7712-ab36-a9b261b86c7e",
                 "user_id": "01a2137d-8c5e-7712-ab36-a9b261b86c7f", "product_name": "Widget \"x\"",
                 "amount": "19.90", "status": "PROCESSING", "created_at_us": 1764000000123456,
-                "changed_at_us": 1764000001000000}"#,
+                "changed_at_us": 1764000001000000},
+               {"id": 8, "order_id": "01a2137d-8c5e-7712-ab36-a9b261b86c80",
+                "user_id": "01a2137d-8c5e-7712-ab36-a9b261b86c7f", "product_name": "Gadget",
+                "amount": "5", "status": "COMPLETED", "created_at_us": 1764000000000000,
+                "changed_at_us": 1764000002000000}]"#,
         )
         .unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[1].id, 8);
+        assert_eq!(changes[1].order.status.as_str(), "COMPLETED");
+        let change = &changes[0];
         assert_eq!(change.id, 7);
         assert_eq!(change.order.product_name, "Widget \"x\"");
         assert_eq!(change.order.amount.to_string(), "19.90");
@@ -197,6 +210,6 @@ mod tests {
             change.order.updated_at.timestamp_micros(),
             1_764_000_001_000_000
         );
-        assert!(StatusChange::parse(r#"{"id": 1}"#).is_err());
+        assert!(StatusChange::parse(r#"[{"id": 1}]"#).is_err());
     }
 }
