@@ -88,6 +88,8 @@ pub struct Subscription {
     pub lagged: Arc<AtomicBool>,
     /// A message each time the listener reconnected: read the history.
     pub resync: broadcast::Receiver<()>,
+    /// Cancelled when the server stops: the stream ends.
+    pub shutdown: CancellationToken,
 }
 
 impl Drop for Subscription {
@@ -138,6 +140,7 @@ impl Hub {
             changes,
             lagged,
             resync: self.resyncs.subscribe(),
+            shutdown: self.shutdown.clone(),
         }
     }
 

@@ -184,14 +184,8 @@ impl App {
             stopping.cancelled().await;
             events.cancel();
         });
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let (served, worked, ()) = tokio::join!(server, worker, metrics);
-        served?;
+        let server = crate::serve::serve(self.listener, self.router, stop.clone());
+        let ((), worked, ()) = tokio::join!(server, worker, metrics);
         worked
     }
 }

@@ -24,6 +24,7 @@ use orders_core::{
     },
     domain::{Order, OrderId, UserId},
 };
+use sqlx::PgPool;
 use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -80,7 +81,7 @@ async fn order_events(
         return Err(ApiError::NotFound("Order not found"));
     };
     let mut watch = OrderWatch {
-        state,
+        db: state.db,
         feed,
         _slot: slot,
         order: order.id,
@@ -92,7 +93,7 @@ async fn order_events(
     match after {
         Some(after) => {
             watch.cursor = after;
-            let missed = events::changes_of_order(&watch.state.db, id, after).await?;
+            let missed = events::changes_of_order(&watch.db, id, after).await?;
             missed.into_iter().for_each(|change| watch.push(change));
             // Nothing missed and nothing more to come.
             if watch.queue.is_empty() && final_now {
@@ -100,7 +101,7 @@ async fn order_events(
             }
         }
         None => {
-            let last = events::last_change_of_order(&watch.state.db, id).await?;
+            let last = events::last_change_of_order(&watch.db, id).await?;
             watch.cursor = last;
             watch.done = final_now;
             watch.queue.push_back(status_event(last, order));
@@ -140,7 +141,7 @@ async fn my_order_events(
         return Err(ApiError::Unauthorized("User no longer exists"));
     }
     let mut watch = UserWatch {
-        state,
+        db: state.db,
         feed,
         _slot: slot,
         user: user.user_id,
@@ -153,7 +154,7 @@ async fn my_order_events(
             watch.floor = after;
             watch.catch_up().await?;
         }
-        None => watch.floor = events::last_change(&watch.state.db).await?,
+        None => watch.floor = events::last_change(&watch.db).await?,
     }
     Ok(sse(stream::unfold(watch, UserWatch::next)))
 }
@@ -200,12 +201,12 @@ enum Next {
 }
 
 /// Waits for the next change of the stream's topic, a reason to read the history, or the shutdown.
-async fn next_signal(state: &AppState, feed: &mut Subscription) -> Next {
+async fn next_signal(feed: &mut Subscription) -> Next {
     if feed.lagged.swap(false, Ordering::Relaxed) {
         return Next::CatchUp;
     }
     tokio::select! {
-        () = state.events.shutdown.cancelled() => Next::Stop,
+        () = feed.shutdown.cancelled() => Next::Stop,
         change = feed.changes.recv() => change.map_or(Next::Stop, |change| Next::Change(Arc::unwrap_or_clone(change))),
         resync = feed.resync.recv() => match resync {
             // The listener reconnected (or, lagged, did so often): read the history.
@@ -217,7 +218,7 @@ async fn next_signal(state: &AppState, feed: &mut Subscription) -> Next {
 
 /// The state of one order's stream.
 struct OrderWatch {
-    state: AppState,
+    db: PgPool,
     feed: Subscription,
     _slot: Slot,
     order: OrderId,
@@ -246,10 +247,13 @@ impl OrderWatch {
             if self.done {
                 return None;
             }
-            match next_signal(&self.state, &mut self.feed).await {
+            match next_signal(&mut self.feed).await {
                 Next::Change(change) => self.push(change),
                 Next::CatchUp => {
-                    match events::changes_of_order(&self.state.db, self.order, self.cursor).await {
+                    // Boxed: rare, and inline its read would make every open stream's state larger.
+                    match Box::pin(events::changes_of_order(&self.db, self.order, self.cursor))
+                        .await
+                    {
                         Ok(missed) => missed.into_iter().for_each(|change| self.push(change)),
                         // The client reconnects with Last-Event-ID and gets them then.
                         Err(err) => {
@@ -266,7 +270,7 @@ impl OrderWatch {
 
 /// The state of a stream of all of one user's orders.
 struct UserWatch {
-    state: AppState,
+    db: PgPool,
     feed: Subscription,
     _slot: Slot,
     user: UserId,
@@ -296,7 +300,7 @@ impl UserWatch {
     /// Queues every change of the user's orders after `floor`, and moves `floor` to the last of them.
     async fn catch_up(&mut self) -> sqlx::Result<()> {
         loop {
-            let missed = events::changes_of_user(&self.state.db, self.user, self.floor).await?;
+            let missed = events::changes_of_user(&self.db, self.user, self.floor).await?;
             let full = missed.len() as i64 == events::USER_CHANGES_PAGE;
             let last = missed.last().map(|change| change.id);
             missed.into_iter().for_each(|change| self.push(change));
@@ -314,10 +318,11 @@ impl UserWatch {
             if let Some(event) = self.queue.pop_front() {
                 return Some((Ok(event), self));
             }
-            match next_signal(&self.state, &mut self.feed).await {
+            match next_signal(&mut self.feed).await {
                 Next::Change(change) => self.push(change),
                 Next::CatchUp => {
-                    if let Err(err) = self.catch_up().await {
+                    // Boxed: rare, and inline its reads would make every open stream's state larger.
+                    if let Err(err) = Box::pin(self.catch_up()).await {
                         tracing::warn!(error = %err, "cannot read missed order events; closing the stream");
                         return None;
                     }
