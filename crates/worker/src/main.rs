@@ -6,9 +6,6 @@ use orders_core::queue::gauges::BacklogGauges;
 use tokio_util::sync::CancellationToken;
 use worker::{Config, config::Command};
 
-/// mimalloc instead of the system allocator: glibc's per-thread arenas kept tens of MB resident after a load
-/// (and after each Argon2 hash of 19 MiB), and their locks showed in the request path's profile.
-
 #[tokio::main]
 async fn main() -> ExitCode {
     if let Err(err) = dotenvy::dotenv()
