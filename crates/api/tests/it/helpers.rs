@@ -31,6 +31,8 @@ pub struct TestApp {
     /// Stops the app when the test ends: its live-status listener holds a connection to the test's database of its
     /// own, which would keep sqlx::test from dropping the database.
     stop: tokio_util::sync::CancellationToken,
+    /// The app's task: it ends once the app has stopped.
+    pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 pub fn redis_url() -> String {
@@ -65,7 +67,7 @@ impl TestApp {
         let addr = app.local_addr().expect("bound");
         let metrics_base = app.metrics_addr().map(|addr| format!("http://{addr}"));
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(app.run_until_stopped(stop.clone()));
+        let server = tokio::spawn(app.run_until_stopped(stop.clone()));
         Self {
             base: format!("http://{addr}"),
             metrics_base,
@@ -77,7 +79,13 @@ impl TestApp {
             queue_name,
             redis_url,
             stop,
+            server,
         }
+    }
+
+    /// Stops the app as SIGTERM does (`server` ends once it has).
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -15,6 +15,7 @@ mod orders;
 mod pgbouncer;
 mod rate_limits;
 mod scale_out;
+mod serve;
 mod tls;
 mod validation;
 mod worker;
