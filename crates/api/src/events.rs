@@ -7,6 +7,10 @@
 //! replica. Notifications are not stored: when the listener loses its connection ([`Subscription::resync`]), or
 //! a stream falls [`WATCHER_CAPACITY`] changes behind ([`Subscription::lagged`]), the stream reads what it may
 //! have missed back from `order_status_history` after the last id it sent.
+//!
+//! The per-user bound is counted over every process in Redis ([`shared`]) as well as in each process.
+
+pub mod shared;
 
 use std::{
     collections::HashMap,
@@ -28,6 +32,7 @@ use sqlx::{
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use self::shared::{Shared, SharedSlot, SharedSlots};
 use crate::error::ApiError;
 
 /// Changes buffered per stream; a stream further behind than this reads the rest from the history.
@@ -51,6 +56,8 @@ pub struct Hub {
     open: Mutex<Open>,
     max_per_user: u32,
     max_total: u32,
+    /// The per-user count over every process, if there is one.
+    shared: Option<Arc<SharedSlots>>,
     /// Cancelled when the process stops: every stream ends, so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
 }
@@ -110,14 +117,22 @@ impl Drop for Subscription {
 
 impl Hub {
     /// A hub allowing `max_per_user` streams per user and `max_total` in all.
-    pub fn new(max_per_user: u32, max_total: u32) -> Arc<Self> {
+    ///
+    /// With `shared`, the per-user bound is also counted over every process sharing it; its leases are renewed
+    /// until the hub's `shutdown`.
+    pub fn new(max_per_user: u32, max_total: u32, shared: Option<Arc<SharedSlots>>) -> Arc<Self> {
+        let shutdown = CancellationToken::new();
+        if let Some(shared) = &shared {
+            shared.spawn_renewals(shutdown.clone());
+        }
         Arc::new(Self {
             resyncs: broadcast::channel(16).0,
             watchers: Mutex::default(),
             open: Mutex::default(),
             max_per_user,
             max_total,
-            shutdown: CancellationToken::new(),
+            shared,
+            shutdown,
         })
     }
 
@@ -163,8 +178,21 @@ impl Hub {
         }
     }
 
-    /// Takes a slot for a new stream of `user`, released when the slot is dropped.
-    pub fn open(self: &Arc<Self>, user: UserId) -> Result<Slot, ApiError> {
+    /// Takes a slot for a new stream of `user`, released when the slot is dropped: within this process's bounds,
+    /// then within the user's bound over every process (unless Redis does not answer).
+    pub async fn open(self: &Arc<Self>, user: UserId) -> Result<Slot, ApiError> {
+        let mut slot = self.open_here(user)?;
+        if let Some(shared) = &self.shared {
+            match shared.open(user, self.max_per_user).await {
+                Shared::Granted(place) => slot.shared = Some(place),
+                Shared::Refused => return Err(ApiError::TooManyStreams(self.max_per_user)),
+                Shared::Unknown => {}
+            }
+        }
+        Ok(slot)
+    }
+
+    fn open_here(self: &Arc<Self>, user: UserId) -> Result<Slot, ApiError> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.total >= self.max_total {
             return Err(ApiError::StreamsFull);
@@ -179,6 +207,7 @@ impl Hub {
         Ok(Slot {
             hub: self.clone(),
             user,
+            shared: None,
         })
     }
 
@@ -266,6 +295,7 @@ impl Hub {
 pub struct Slot {
     hub: Arc<Hub>,
     user: UserId,
+    shared: Option<SharedSlot>,
 }
 
 impl Drop for Slot {

@@ -83,8 +83,14 @@ impl App {
         // Half the pool at most for the inserts of creates, and half for the reads of lists, so that neither
         // starves the other (or the other routes) of connections.
         let batch_slots = (db.options().get_max_connections() as usize / 2).max(1);
-        let events =
-            crate::events::Hub::new(config.sse_max_streams_per_user, config.sse_max_streams);
+        let events = crate::events::Hub::new(
+            config.sse_max_streams_per_user,
+            config.sse_max_streams,
+            Some(crate::events::shared::SharedSlots::new(
+                queue.connection(),
+                &config.queue.queue_name,
+            )),
+        );
         events.spawn_listener(match &config.database_listen_url {
             Some(url) => url
                 .parse()

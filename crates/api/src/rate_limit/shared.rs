@@ -77,7 +77,10 @@ impl SharedLimits {
         Self {
             conn,
             prefix: format!("{queue_name}:ratelimit").into(),
-            health: Arc::new(Health::new()),
+            health: Arc::new(Health::new(
+                "rate_limit_local_decisions_total",
+                "rate limit decisions",
+            )),
         }
     }
 
@@ -85,7 +88,6 @@ impl SharedLimits {
     /// `per_minute` a minute; `None` when Redis cannot decide (the per-process limit does).
     pub async fn decide(&self, route: &str, client: IpAddr, per_minute: u32) -> Option<Decision> {
         if self.health.skipping() {
-            metrics::counter!("rate_limit_local_decisions_total").increment(1);
             return None;
         }
         let per_minute = per_minute.max(1);
@@ -122,8 +124,13 @@ impl SharedLimits {
     }
 }
 
-/// Whether Redis answers decisions; logs each change once.
-struct Health {
+/// Whether Redis answers shared decisions (rate limits, stream slots); logs each change once, and counts each
+/// decision made without it.
+pub(crate) struct Health {
+    /// The counter of decisions made without Redis.
+    counter: &'static str,
+    /// What Redis decides, for the log.
+    decisions: &'static str,
     epoch: Instant,
     /// Milliseconds after `epoch` until which decisions skip Redis.
     skip_until_ms: AtomicU64,
@@ -131,8 +138,10 @@ struct Health {
 }
 
 impl Health {
-    fn new() -> Self {
+    pub(crate) fn new(counter: &'static str, decisions: &'static str) -> Self {
         Self {
+            counter,
+            decisions,
             epoch: Instant::now(),
             skip_until_ms: AtomicU64::new(0),
             down: AtomicBool::new(false),
@@ -143,25 +152,34 @@ impl Health {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn skipping(&self) -> bool {
-        self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed)
+    /// Whether Redis failed less than [`RETRY_SHARED_AFTER`] ago: the decision is the process's own (counted).
+    pub(crate) fn skipping(&self) -> bool {
+        let skipping = self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed);
+        if skipping {
+            metrics::counter!(self.counter).increment(1);
+        }
+        skipping
     }
 
-    fn failed(&self, error: &str) {
-        metrics::counter!("rate_limit_local_decisions_total").increment(1);
+    pub(crate) fn failed(&self, error: &str) {
+        metrics::counter!(self.counter).increment(1);
         let retry_at = self.now_ms() + RETRY_SHARED_AFTER.as_millis() as u64;
         self.skip_until_ms.store(retry_at, Ordering::Relaxed);
         if !self.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 error,
-                "Redis does not answer rate limit decisions: each api process counts its own limits until it does"
+                decisions = self.decisions,
+                "Redis does not answer shared decisions: each api process counts its own until it does"
             );
         }
     }
 
-    fn answered(&self) {
+    pub(crate) fn answered(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!("Redis answers rate limit decisions again: limits are shared again");
+            tracing::info!(
+                decisions = self.decisions,
+                "Redis answers shared decisions again"
+            );
         }
     }
 }

@@ -74,7 +74,7 @@ async fn order_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
-    let slot = state.events.open(user.user_id)?;
+    let slot = state.events.open(user.user_id).await?;
     // Subscribed before anything is read, so that no change falls between the read and the first one sent.
     let feed = state.events.subscribe(Topic::Order(id));
     let Some(order) = db::find_order(&state.db, user.user_id, id).await? else {
@@ -132,7 +132,7 @@ async fn my_order_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
-    let slot = state.events.open(user.user_id)?;
+    let slot = state.events.open(user.user_id).await?;
     let feed = state.events.subscribe(Topic::User(user.user_id));
     if orders_core::db::users::find_user(&state.db, user.user_id)
         .await?

@@ -540,3 +540,137 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
     .await;
     assert!(extra.is_err(), "unexpected event: {extra:?}");
 }
+
+/// Opens `/orders/events` until one is refused or `tries` (100 ms apart) have passed; the status of the last.
+async fn open_until_ok(app: &TestApp, token: &str, tries: usize) -> (StatusCode, Option<Stream>) {
+    let mut status = StatusCode::TOO_MANY_REQUESTS;
+    for _ in 0..tries {
+        let response = Stream::open(app, token, "/orders/events", None).await;
+        status = response.status();
+        if status == StatusCode::OK {
+            return (
+                status,
+                Some(Stream {
+                    response,
+                    buffer: Vec::new(),
+                    comments: 0,
+                }),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (status, None)
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_users_streams_count_over_every_api_process(pool: PgPool) {
+    // Two api processes' worth of apps sharing one Redis and one QUEUE_NAME, as replicas do.
+    let a = TestApp::spawn(pool.clone()).await;
+    let queue_name = a.queue_name.clone();
+    let b = TestApp::spawn_with(pool, move |config| config.queue.queue_name = queue_name).await;
+    let user = a.new_user().await;
+    let mut open = Vec::new();
+    for i in 0..10 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        open.push(Stream::start(app, &user.access, "/orders/events", None).await);
+    }
+    for app in [&a, &b] {
+        let refused = Stream::open(app, &user.access, "/orders/events", None).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            json(refused).await["detail"],
+            "Too many open event streams: at most 10 per user. Close one first."
+        );
+    }
+    // A stream closed on `b` frees a slot for `a`.
+    drop(open.pop());
+    let (status, reopened) = open_until_ok(&a, &user.access, 50).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the slot closed on another process was never freed"
+    );
+    open.extend(reopened);
+    assert_eq!(
+        Stream::open(&b, &user.access, "/orders/events", None)
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_streams_of_a_process_that_died_stop_counting_when_their_lease_ends(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let user_id: String = sqlx::query_scalar("select id::text from users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let key = format!("{}:sse:{user_id}", app.queue_name);
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    // Ten streams of a dead process: their leases ended long ago.
+    let far_future = 4_000_000_000_000_u64; // milliseconds: the year 2096
+    for n in 0..10 {
+        let _: () = redis::cmd("ZADD")
+            .arg(&key)
+            .arg(1)
+            .arg(format!("dead-process:{n}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let mine = Stream::start(&app, &user.access, "/orders/events", None).await;
+    // Nine of another live process: with this one, the user has ten.
+    for n in 0..9 {
+        let _: () = redis::cmd("ZADD")
+            .arg(&key)
+            .arg(far_future)
+            .arg(format!("live-process:{n}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        Stream::open(&app, &user.access, "/orders/events", None)
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let counted: u64 = redis::cmd("ZCARD")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(counted, 10, "the dead process's streams still count");
+    drop(mine);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn with_redis_unreachable_each_process_still_holds_its_own_count(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| {
+        // Nothing listens there: every shared decision fails, and the process's own count decides.
+        config.queue.redis_url = "redis://127.0.0.1:9/0".into();
+    })
+    .await;
+    let user = app.new_user().await;
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        open.push(Stream::start(&app, &user.access, "/orders/events", None).await);
+    }
+    assert_eq!(
+        Stream::open(&app, &user.access, "/orders/events", None)
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let metrics = app.metrics().await;
+    let local: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("sse_local_decisions_total "))
+        .expect("the fallback counter is exported")
+        .parse()
+        .unwrap();
+    assert!(local >= 10.0, "{local}");
+}
