@@ -665,12 +665,6 @@ async fn with_redis_unreachable_each_process_still_holds_its_own_count(pool: PgP
             .status(),
         StatusCode::TOO_MANY_REQUESTS
     );
-    let metrics = app.metrics().await;
-    let local: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("sse_local_decisions_total "))
-        .expect("the fallback counter is exported")
-        .parse()
-        .unwrap();
+    let local = app.metric("sse_local_decisions_total").await;
     assert!(local >= 10.0, "{local}");
 }

@@ -176,6 +176,17 @@ impl TestApp {
         response.text().await.expect("text")
     }
 
+    /// The value of an unlabelled counter (or gauge) on `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let metrics = self.metrics().await;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} is not exported"))
+            .parse()
+            .expect("a number")
+    }
+
     pub async fn cancel(&self, token: &str, id: &str) -> Response {
         self.client
             .patch(self.url(&format!("/orders/{id}/cancel")))
