@@ -56,8 +56,8 @@ pub struct Hub {
     open: Mutex<Open>,
     max_per_user: u32,
     max_total: u32,
-    /// The per-user count over every process, if there is one.
-    shared: Option<Arc<SharedSlots>>,
+    /// The per-user count over every process.
+    shared: Arc<SharedSlots>,
     /// Cancelled when the process stops: every stream ends, so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
 }
@@ -118,13 +118,11 @@ impl Drop for Subscription {
 impl Hub {
     /// A hub allowing `max_per_user` streams per user and `max_total` in all.
     ///
-    /// With `shared`, the per-user bound is also counted over every process sharing it; its leases are renewed
-    /// until the hub's `shutdown`.
-    pub fn new(max_per_user: u32, max_total: u32, shared: Option<Arc<SharedSlots>>) -> Arc<Self> {
+    /// The per-user bound is also counted over every process sharing `shared`; its leases are renewed until the
+    /// hub's `shutdown`.
+    pub fn new(max_per_user: u32, max_total: u32, shared: Arc<SharedSlots>) -> Arc<Self> {
         let shutdown = CancellationToken::new();
-        if let Some(shared) = &shared {
-            shared.spawn_renewals(shutdown.clone());
-        }
+        shared.spawn_renewals(shutdown.clone());
         Arc::new(Self {
             resyncs: broadcast::channel(16).0,
             watchers: Mutex::default(),
@@ -182,12 +180,10 @@ impl Hub {
     /// then within the user's bound over every process (unless Redis does not answer).
     pub async fn open(self: &Arc<Self>, user: UserId) -> Result<Slot, ApiError> {
         let mut slot = self.open_here(user)?;
-        if let Some(shared) = &self.shared {
-            match shared.open(user, self.max_per_user).await {
-                Shared::Granted(place) => slot.shared = Some(place),
-                Shared::Refused => return Err(ApiError::TooManyStreams(self.max_per_user)),
-                Shared::Unknown => {}
-            }
+        match self.shared.open(user, self.max_per_user).await {
+            Shared::Granted(place) => slot.shared = Some(place),
+            Shared::Refused => return Err(ApiError::TooManyStreams(self.max_per_user)),
+            Shared::Unknown => {}
         }
         Ok(slot)
     }

@@ -86,10 +86,7 @@ impl App {
         let events = crate::events::Hub::new(
             config.sse_max_streams_per_user,
             config.sse_max_streams,
-            Some(crate::events::shared::SharedSlots::new(
-                queue.connection(),
-                &config.queue.queue_name,
-            )),
+            crate::events::shared::SharedSlots::new(queue.connection(), &config.queue.queue_name),
         );
         events.spawn_listener(match &config.database_listen_url {
             Some(url) => url
@@ -175,12 +172,7 @@ impl App {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, "metrics at /metrics");
                 }
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.clone().cancelled_owned())
-                    .await;
-                if let Err(err) = served {
-                    tracing::warn!(error = %err, "the metrics listener stopped");
-                }
+                crate::serve::serve(listener, router, stop.clone()).await;
             }
         };
         tokio::spawn(purge_periodically(self.db, stop.clone()));

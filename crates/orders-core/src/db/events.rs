@@ -1,7 +1,7 @@
-//! Status changes as events: what the `order_events` notifications announce (see the migration
-//! `20261125000005_order_events.sql` and `20261125000006_order_events_per_statement.sql`), and the same read back from `order_status_history` for a stream that may
-//! have missed some. Either way a change carries the whole order as of that change, so a stream sends it as it
-//! is.
+//! Status changes as events: what the `order_events` notifications announce (see the migrations
+//! `20261125000005_order_events.sql` and `20261125000006_order_events_per_statement.sql`), and the same read back
+//! from `order_status_history` for a stream that may have missed some. Either way a change carries the whole order
+//! as of that change, so a stream sends it as it is.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
