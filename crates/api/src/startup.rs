@@ -33,7 +33,7 @@ use crate::{
     openapi::ApiDoc,
     rate_limit::{ClientKey, RouteLimits, shared::SharedLimits},
     routes,
-    state::AppState,
+    state::{AppState, Shared},
 };
 
 /// How often expired sessions and ended login windows are purged.
@@ -94,7 +94,7 @@ impl App {
                 .context("DATABASE_LISTEN_URL is not a valid PostgreSQL URL")?,
             None => (*db.connect_options()).clone(),
         });
-        let state = AppState {
+        let state = AppState::new(Shared {
             events: events.clone(),
             db: db.clone(),
             creates: crate::routes::orders::create_batcher(
@@ -116,7 +116,7 @@ impl App {
             session_max: config.session_max(),
             login_max_failures: config.login_max_failures,
             readiness: Arc::default(),
-        };
+        });
         let router = router(state, &config);
         let listener = TcpListener::bind(config.bind_addr).await.with_context(|| {
             format!(

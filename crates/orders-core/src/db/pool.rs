@@ -1,9 +1,14 @@
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres,
     migrate::MigrateDatabase,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -175,4 +180,80 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
 /// A pool that connects on first use; for tools and tests that must start while PostgreSQL is down.
 pub fn connect_lazy(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     Ok(pool_options(config).connect_lazy_with(connect_options(config)?))
+}
+
+/// How long a kept connection may sit idle before it goes back to the pool.
+const KEEP_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Pool connections kept checked out between statements while they are busy, for a batcher whose statements
+/// follow each other without pause.
+///
+/// sqlx returns a connection to its pool through a spawned task that first pings it: a round trip per
+/// statement, with no setting to turn it off. On the list path, with PostgreSQL on the same two cores, that
+/// ping cost about 7 % of the requests served. A kept connection skips both; one idle for [`KEEP_IDLE_FOR`]
+/// goes back to the pool (pinged then, as usual), so a quiet batcher holds nothing. A statement that fails
+/// drops its connection ([`Kept`] is not given back), and the pool checks it as it would any other.
+#[derive(Debug, Clone)]
+pub struct KeptConnections {
+    pool: PgPool,
+    idle: Arc<Mutex<Vec<Idle>>>,
+}
+
+/// A kept connection and when it was given back.
+type Idle = (PoolConnection<Postgres>, Instant);
+
+impl KeptConnections {
+    /// Keeps connections of `pool`; must be called on a Tokio runtime (it starts the task that returns idle
+    /// ones).
+    pub fn new(pool: PgPool) -> Self {
+        let kept = Self {
+            pool,
+            idle: Arc::default(),
+        };
+        let idle = Arc::downgrade(&kept.idle);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(KEEP_IDLE_FOR);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(idle) = idle.upgrade() else { return };
+                let expired: Vec<_> = {
+                    let mut idle = idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let (expired, fresh) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|(_, since)| since.elapsed() >= KEEP_IDLE_FOR);
+                    *idle = fresh;
+                    expired
+                };
+                // Dropped outside the lock: each goes back to the pool.
+                drop(expired);
+            }
+        });
+        kept
+    }
+
+    /// The most recently used idle connection, or one from the pool.
+    pub async fn take(&self) -> sqlx::Result<PoolConnection<Postgres>> {
+        let kept = self.lock().pop();
+        match kept {
+            Some((conn, _)) => Ok(conn),
+            None => self.pool.acquire().await,
+        }
+    }
+
+    /// Keeps `conn` for the next statement (after one that succeeded on it).
+    pub fn give_back(&self, conn: PoolConnection<Postgres>) {
+        self.lock().push((conn, Instant::now()));
+    }
+
+    /// How many connections sit idle here now.
+    pub fn idle(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
