@@ -225,3 +225,76 @@ impl Drop for SharedSlot {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against the real Redis of `REDIS_URL`, each test under a prefix of its own.
+
+    use redis::AsyncCommands;
+
+    use super::*;
+
+    async fn slots() -> (Arc<SharedSlots>, ConnectionManager) {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let conn = ConnectionManager::new(redis::Client::open(url).unwrap())
+            .await
+            .unwrap();
+        let prefix = format!("test_{}", uuid::Uuid::new_v4().simple());
+        (SharedSlots::new(conn.clone(), &prefix), conn)
+    }
+
+    /// Redis's clock, in milliseconds, as the scripts read it.
+    async fn redis_now(conn: &mut ConnectionManager) -> f64 {
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+        (seconds * 1000 + micros / 1000) as f64
+    }
+
+    #[tokio::test]
+    async fn a_renewal_extends_the_lease_of_each_open_stream_and_of_no_closed_one() {
+        let (slots, mut conn) = slots().await;
+        let user = UserId::new();
+        let key = slots.key(user);
+        let Shared::Granted(open) = slots.open(user, 10).await else {
+            panic!("the first stream is refused");
+        };
+        let Shared::Granted(closed) = slots.open(user, 10).await else {
+            panic!("the second stream is refused");
+        };
+        let closed_member = slots.member(closed.number);
+        drop(closed);
+        for _ in 0..100 {
+            if conn.zcard::<_, usize>(&key).await.unwrap() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            conn.zcard::<_, usize>(&key).await.unwrap(),
+            1,
+            "a closed stream still counts"
+        );
+
+        // As if the open stream's lease were about to end: a second left.
+        let member = slots.member(open.number);
+        let soon = redis_now(&mut conn).await + 1000.0;
+        let _: () = conn.zadd(&key, &member, soon).await.unwrap();
+
+        slots.renew().await.unwrap();
+        let renewed: f64 = conn.zscore(&key, &member).await.unwrap();
+        let now = redis_now(&mut conn).await;
+        assert!(
+            renewed > now + LEASE.as_millis() as f64 - 5_000.0,
+            "the lease ends {} ms from now, not a full lease",
+            renewed - now
+        );
+        let closed_score: Option<f64> = conn.zscore(&key, &closed_member).await.unwrap();
+        assert_eq!(closed_score, None, "a renewal brought back a closed stream");
+        let ttl: i64 = conn.pttl(&key).await.unwrap();
+        assert!(
+            ttl > 50_000,
+            "the key expires in {ttl} ms, before the lease ends"
+        );
+        drop(open);
+        let _: () = conn.del(&key).await.unwrap();
+    }
+}
