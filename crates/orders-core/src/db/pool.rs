@@ -1,6 +1,6 @@
 use std::{
     str::FromStr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -184,23 +184,46 @@ pub fn connect_lazy(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
 
 /// How long a kept connection may sit idle before it goes back to the pool.
 const KEEP_IDLE_FOR: Duration = Duration::from_secs(1);
+/// How long a connection is kept at most, however busy: then it goes back to the pool, which checks it and
+/// applies its own rules (its maximum lifetime), and the next statement takes one afresh.
+const KEEP_AT_MOST: Duration = Duration::from_secs(60);
 
 /// Pool connections kept checked out between statements while they are busy, for a batcher whose statements
 /// follow each other without pause.
 ///
 /// sqlx returns a connection to its pool through a spawned task that first pings it: a round trip per
 /// statement, with no setting to turn it off. On the list path, with PostgreSQL on the same two cores, that
-/// ping cost about 7 % of the requests served. A kept connection skips both; one idle for [`KEEP_IDLE_FOR`]
-/// goes back to the pool (pinged then, as usual), so a quiet batcher holds nothing. A statement that fails
-/// drops its connection ([`Kept`] is not given back), and the pool checks it as it would any other.
+/// ping cost about 7 % of the requests served. A kept connection skips both; one idle for [`KEEP_IDLE_FOR`], or
+/// kept for [`KEEP_AT_MOST`], goes back to the pool (pinged then, as usual), so a quiet batcher holds nothing. A
+/// statement that fails drops its connection (the [`Kept`] is not given back), and the pool checks it as it
+/// would any other.
 #[derive(Debug, Clone)]
 pub struct KeptConnections {
     pool: PgPool,
-    idle: Arc<Mutex<Vec<Idle>>>,
+    idle: Arc<Mutex<Vec<(Kept, Instant)>>>,
 }
 
-/// A kept connection and when it was given back.
-type Idle = (PoolConnection<Postgres>, Instant);
+/// A connection out of the pool for a [`KeptConnections`]; dropped, it goes back to the pool.
+#[derive(Debug)]
+pub struct Kept {
+    conn: PoolConnection<Postgres>,
+    /// When it was taken from the pool.
+    since: Instant,
+}
+
+impl std::ops::Deref for Kept {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Kept {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
 
 impl KeptConnections {
     /// Keeps connections of `pool`; must be called on a Tokio runtime (it starts the task that returns idle
@@ -218,10 +241,10 @@ impl KeptConnections {
                 ticks.tick().await;
                 let Some(idle) = idle.upgrade() else { return };
                 let expired: Vec<_> = {
-                    let mut idle = idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
                     let (expired, fresh) = std::mem::take(&mut *idle)
                         .into_iter()
-                        .partition(|(_, since)| since.elapsed() >= KEEP_IDLE_FOR);
+                        .partition(|(_, idle_since)| idle_since.elapsed() >= KEEP_IDLE_FOR);
                     *idle = fresh;
                     expired
                 };
@@ -233,17 +256,23 @@ impl KeptConnections {
     }
 
     /// The most recently used idle connection, or one from the pool.
-    pub async fn take(&self) -> sqlx::Result<PoolConnection<Postgres>> {
+    pub async fn take(&self) -> sqlx::Result<Kept> {
         let kept = self.lock().pop();
         match kept {
-            Some((conn, _)) => Ok(conn),
-            None => self.pool.acquire().await,
+            Some((kept, _)) => Ok(kept),
+            None => Ok(Kept {
+                conn: self.pool.acquire().await?,
+                since: Instant::now(),
+            }),
         }
     }
 
-    /// Keeps `conn` for the next statement (after one that succeeded on it).
-    pub fn give_back(&self, conn: PoolConnection<Postgres>) {
-        self.lock().push((conn, Instant::now()));
+    /// Keeps `kept` for the next statement (after one that succeeded on it), unless it has been kept for
+    /// [`KEEP_AT_MOST`]: then it goes back to the pool.
+    pub fn give_back(&self, kept: Kept) {
+        if kept.since.elapsed() < KEEP_AT_MOST {
+            self.lock().push((kept, Instant::now()));
+        }
     }
 
     /// How many connections sit idle here now.
@@ -251,9 +280,7 @@ impl KeptConnections {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Vec<(Kept, Instant)>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
