@@ -3,8 +3,9 @@
 //! (idle keep-alive connections: 11.7 KB instead of 15.3). See README, "Live status". HTTP/2 was never served
 //! (axum's `http2` feature is off), so nothing is lost.
 //!
-//! It serves `/metrics` too. Otherwise it does what `axum::serve` did: one task per connection, the peer address as `ConnectInfo`, accept
-//! errors logged and retried, and on `stop` no new connections while the open ones finish what they are doing.
+//! It serves `/metrics` too. Otherwise it does what `axum::serve` did: one task per connection, the peer address
+//! as `ConnectInfo`, accept errors logged and retried, and on `stop` no new connections while the open ones finish
+//! what they are doing.
 
 use std::{io, time::Duration};
 

@@ -183,15 +183,6 @@ pub struct PageRequest {
     pub limit: i64,
 }
 
-/// One page of "my orders" (see [`list_pages`]).
-pub async fn list_orders(pool: &PgPool, request: PageRequest) -> sqlx::Result<Vec<Order>> {
-    let mut conn = pool.acquire().await?;
-    Ok(list_pages(&mut conn, &[request])
-        .await?
-        .pop()
-        .unwrap_or_default())
-}
-
 /// The pages of several requests, with one statement for those without a status and one for those with one,
 /// and the pages in the order of the requests. Keyset pagination: stable while orders are being added, and as
 /// fast on the last page as on the first.

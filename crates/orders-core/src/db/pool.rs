@@ -241,7 +241,7 @@ impl KeptConnections {
                 ticks.tick().await;
                 let Some(idle) = idle.upgrade() else { return };
                 let expired: Vec<_> = {
-                    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut idle = lock(&idle);
                     let (expired, fresh) = std::mem::take(&mut *idle)
                         .into_iter()
                         .partition(|(_, idle_since)| idle_since.elapsed() >= KEEP_IDLE_FOR);
@@ -281,6 +281,11 @@ impl KeptConnections {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<(Kept, Instant)>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.idle)
     }
+}
+
+/// The idle kept connections, whatever a panicking holder of the lock left (a list of connections stays valid).
+fn lock(idle: &Mutex<Vec<(Kept, Instant)>>) -> MutexGuard<'_, Vec<(Kept, Instant)>> {
+    idle.lock().unwrap_or_else(PoisonError::into_inner)
 }
