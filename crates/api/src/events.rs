@@ -4,20 +4,22 @@
 //!
 //! PostgreSQL announces each status change when the transaction that makes it commits (a trigger on
 //! `order_status_history`), so a change made by any worker or any api replica reaches the streams of every
-//! replica. Notifications are not stored: when the listener loses its connection ([`Subscription::resync`]), or
-//! a stream falls [`WATCHER_CAPACITY`] changes behind ([`Subscription::lagged`]), the stream reads what it may
+//! replica. Notifications are not stored: when the listener loses its connection, or a stream falls
+//! [`WATCHER_CAPACITY`] changes behind, the stream is told to catch up ([`Signal::CatchUp`]) and reads what it may
 //! have missed back from `order_status_history` after the last id it sent.
+//!
+//! Each stream has one small [`Inbox`] that the hub fills and wakes: its changes, the call to catch up, and the
+//! end at shutdown. An open stream costs memory for as long as it is open (10,000 of them on one process), so
+//! this is deliberately less than a channel, a broadcast receiver and a cancellation future each.
 //!
 //! The per-user bound is counted over every process in Redis ([`shared`]) as well as in each process.
 
 pub mod shared;
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -29,13 +31,12 @@ use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
-use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use self::shared::{Shared, SharedSlot, SharedSlots};
 use crate::error::ApiError;
 
-/// Changes buffered per stream; a stream further behind than this reads the rest from the history.
+/// Changes held per stream; a stream further behind than this reads the rest from the history.
 pub const WATCHER_CAPACITY: usize = 64;
 
 /// What a stream watches.
@@ -50,8 +51,6 @@ pub enum Topic {
 /// The streams' side of the listener, and their bounds. One per process; cheap to share.
 #[derive(Debug)]
 pub struct Hub {
-    /// Every stream, when the listener reconnected: changes may have been missed.
-    resyncs: broadcast::Sender<()>,
     watchers: Mutex<Watchers>,
     open: Mutex<Open>,
     max_per_user: u32,
@@ -66,13 +65,14 @@ pub struct Hub {
 struct Watchers {
     next_id: u64,
     by_topic: HashMap<Topic, Vec<Watcher>>,
+    /// The process is stopping: every inbox is closed, and so is each new one.
+    closed: bool,
 }
 
 #[derive(Debug)]
 struct Watcher {
     id: u64,
-    changes: mpsc::Sender<Arc<StatusChange>>,
-    lagged: Arc<AtomicBool>,
+    inbox: Arc<Inbox>,
 }
 
 #[derive(Debug, Default)]
@@ -81,31 +81,98 @@ struct Open {
     per_user: HashMap<UserId, u32>,
 }
 
-/// One stream's feed: the changes of its topic, a flag raised when some did not fit, and the listener's
-/// reconnections. Unregisters itself when dropped.
+/// What the hub tells a stream, in the order the stream should act on it.
+#[derive(Debug)]
+pub enum Signal {
+    /// The server is stopping: end the stream.
+    Stop,
+    /// Changes may have been missed (the listener reconnected, or this stream fell behind): read the history.
+    CatchUp,
+    /// The next change of the stream's topic, as PostgreSQL announced it (shared: one change may go to many
+    /// streams).
+    Change(Arc<StatusChange>),
+}
+
+/// One stream's inbox, filled by the hub and read by the stream.
+#[derive(Debug, Default)]
+pub struct Inbox(Mutex<InboxState>);
+
+#[derive(Debug, Default)]
+struct InboxState {
+    changes: VecDeque<Arc<StatusChange>>,
+    catch_up: bool,
+    closed: bool,
+    /// The stream waiting for one of the above.
+    waker: Option<Waker>,
+}
+
+impl Inbox {
+    fn state(&self) -> MutexGuard<'_, InboxState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes `state` and wakes the stream if it waits.
+    fn update(&self, change: impl FnOnce(&mut InboxState)) {
+        let waker = {
+            let mut state = self.state();
+            change(&mut state);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Adds `change`, or, when [`WATCHER_CAPACITY`] changes wait already, tells the stream to catch up instead.
+    fn deliver(&self, change: &Arc<StatusChange>) {
+        self.update(|state| {
+            if state.changes.len() < WATCHER_CAPACITY {
+                state.changes.push_back(change.clone());
+            } else {
+                state.catch_up = true;
+            }
+        });
+    }
+
+    /// The next signal, or `Pending` (the stream is woken when one comes).
+    pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
+        let mut state = self.state();
+        if state.closed {
+            return Poll::Ready(Signal::Stop);
+        }
+        if std::mem::take(&mut state.catch_up) {
+            return Poll::Ready(Signal::CatchUp);
+        }
+        if let Some(change) = state.changes.pop_front() {
+            return Poll::Ready(Signal::Change(change));
+        }
+        match &mut state.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// One stream's feed: its [`Inbox`], registered with the hub under its topic until dropped.
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Hub>,
     topic: Topic,
     id: u64,
-    /// Changes of the topic, in the order PostgreSQL announced them (shared: one change may go to many streams,
-    /// and a channel slot holds a pointer, not an order).
-    pub changes: mpsc::Receiver<Arc<StatusChange>>,
-    /// Raised when a change did not fit in `changes`: read the history.
-    pub lagged: Arc<AtomicBool>,
-    /// A message each time the listener reconnected: read the history.
-    pub resync: broadcast::Receiver<()>,
-    /// Cancelled when the server stops: the stream ends.
-    pub shutdown: CancellationToken,
+    inbox: Arc<Inbox>,
+}
+
+impl Subscription {
+    /// The next signal for this stream, or `Pending`.
+    pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.inbox.poll_signal(cx)
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut watchers = self
-            .hub
-            .watchers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut watchers = self.hub.watchers();
         if let Some(list) = watchers.by_topic.get_mut(&self.topic) {
             list.retain(|watcher| watcher.id != self.id);
             if list.is_empty() {
@@ -123,56 +190,76 @@ impl Hub {
     pub fn new(max_per_user: u32, max_total: u32, shared: Arc<SharedSlots>) -> Arc<Self> {
         let shutdown = CancellationToken::new();
         shared.spawn_renewals(shutdown.clone());
-        Arc::new(Self {
-            resyncs: broadcast::channel(16).0,
+        let hub = Arc::new(Self {
             watchers: Mutex::default(),
             open: Mutex::default(),
             max_per_user,
             max_total,
             shared,
-            shutdown,
-        })
+            shutdown: shutdown.clone(),
+        });
+        let stopping: Weak<Self> = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if let Some(hub) = stopping.upgrade() {
+                hub.close_all();
+            }
+        });
+        hub
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Watchers> {
+        self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes of `topic` from now on.
     pub fn subscribe(self: &Arc<Self>, topic: Topic) -> Subscription {
-        let (sender, changes) = mpsc::channel(WATCHER_CAPACITY);
-        let lagged = Arc::new(AtomicBool::new(false));
-        let mut watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut watchers = self.watchers();
+        let inbox = Arc::new(Inbox::default());
+        // Stopping already: the stream ends at once rather than hold the shutdown up.
+        inbox.state().closed = watchers.closed;
         watchers.next_id += 1;
         let id = watchers.next_id;
         watchers.by_topic.entry(topic).or_default().push(Watcher {
             id,
-            changes: sender,
-            lagged: lagged.clone(),
+            inbox: inbox.clone(),
         });
         Subscription {
             hub: self.clone(),
             topic,
             id,
-            changes,
-            lagged,
-            resync: self.resyncs.subscribe(),
-            shutdown: self.shutdown.clone(),
+            inbox,
         }
     }
 
     /// Hands each change to the streams of its order and of its owner, under one lock.
     fn dispatch(&self, changes: Vec<StatusChange>) {
-        let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let watchers = self.watchers();
         for change in changes.into_iter().map(Arc::new) {
             for topic in [
                 Topic::Order(change.order.id),
                 Topic::User(change.order.user_id),
             ] {
                 for watcher in watchers.by_topic.get(&topic).into_iter().flatten() {
-                    if let Err(mpsc::error::TrySendError::Full(_)) =
-                        watcher.changes.try_send(change.clone())
-                    {
-                        watcher.lagged.store(true, Ordering::Relaxed);
-                    }
+                    watcher.inbox.deliver(&change);
                 }
             }
+        }
+    }
+
+    /// Tells every stream to read the history: the listener (re)connected, and changes may have gone unheard.
+    fn catch_up_all(&self) {
+        for watcher in self.watchers().by_topic.values().flatten() {
+            watcher.inbox.update(|state| state.catch_up = true);
+        }
+    }
+
+    /// Ends every stream, and each one opened from now on.
+    fn close_all(&self) {
+        let mut watchers = self.watchers();
+        watchers.closed = true;
+        for watcher in watchers.by_topic.values().flatten() {
+            watcher.inbox.update(|state| state.closed = true);
         }
     }
 
@@ -259,7 +346,7 @@ impl Hub {
                 );
                 metrics::counter!("sse_listener_reconnects_total").increment(1);
             }
-            let _ = self.resyncs.send(());
+            self.catch_up_all();
             loop {
                 match listener.try_recv().await {
                     Ok(Some(notification)) => match StatusChange::parse(notification.payload()) {
@@ -272,7 +359,7 @@ impl Hub {
                             "order events listener reconnected; streams catch up from the history"
                         );
                         metrics::counter!("sse_listener_reconnects_total").increment(1);
-                        let _ = self.resyncs.send(());
+                        self.catch_up_all();
                     }
                     // It could not reconnect: start over with a new listener (which resyncs once it listens).
                     Err(err) => {
@@ -297,5 +384,170 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.hub.close(self.user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hub's side of a stream, against the real Redis of `REDIS_URL` (for the shared count the hub keeps).
+
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        task::Wake,
+    };
+
+    use chrono::Utc;
+    use orders_core::domain::{Order, OrderStatus};
+    use redis::aio::ConnectionManager;
+
+    use super::*;
+
+    async fn hub() -> Arc<Hub> {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let conn = ConnectionManager::new(redis::Client::open(url).unwrap())
+            .await
+            .unwrap();
+        let prefix = format!("test_{}", uuid::Uuid::new_v4().simple());
+        Hub::new(10, 100, SharedSlots::new(conn, &prefix))
+    }
+
+    fn change(id: i64, order: OrderId, user: UserId) -> StatusChange {
+        StatusChange {
+            id,
+            order: Order {
+                id: order,
+                user_id: user,
+                product_name: "Widget".into(),
+                amount: 1.into(),
+                status: OrderStatus::Processing,
+                created_at: Utc::now(),
+                updated_at: Utc::now(),
+            },
+        }
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(feed: &Subscription, wakes: &Arc<Wakes>) -> Poll<Signal> {
+        let waker = Waker::from(wakes.clone());
+        feed.poll_signal(&mut Context::from_waker(&waker))
+    }
+
+    fn change_id(signal: Poll<Signal>) -> i64 {
+        match signal {
+            Poll::Ready(Signal::Change(change)) => change.id,
+            other => panic!("not a change: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_goes_to_the_streams_of_its_order_and_of_its_owner_and_wakes_them() {
+        let hub = hub().await;
+        let (order, user) = (OrderId::new(), UserId::new());
+        let of_order = hub.subscribe(Topic::Order(order));
+        let of_user = hub.subscribe(Topic::User(user));
+        let of_another = hub.subscribe(Topic::User(UserId::new()));
+        let wakes = Arc::new(Wakes::default());
+        for feed in [&of_order, &of_user, &of_another] {
+            assert!(poll(feed, &wakes).is_pending());
+        }
+
+        hub.dispatch(vec![change(1, order, user), change(2, order, user)]);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            2,
+            "each waiting stream once"
+        );
+        for feed in [&of_order, &of_user] {
+            assert_eq!(change_id(poll(feed, &wakes)), 1);
+            assert_eq!(change_id(poll(feed, &wakes)), 2);
+            assert!(poll(feed, &wakes).is_pending());
+        }
+        assert!(poll(&of_another, &wakes).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_falls_behind_is_told_to_catch_up_before_its_held_changes() {
+        let hub = hub().await;
+        let (order, user) = (OrderId::new(), UserId::new());
+        let feed = hub.subscribe(Topic::User(user));
+        let changes: Vec<_> = (1..=WATCHER_CAPACITY as i64 + 5)
+            .map(|id| change(id, order, user))
+            .collect();
+        hub.dispatch(changes);
+
+        let wakes = Arc::new(Wakes::default());
+        assert!(matches!(poll(&feed, &wakes), Poll::Ready(Signal::CatchUp)));
+        // The first WATCHER_CAPACITY are held; the rest are for the history to give.
+        for id in 1..=WATCHER_CAPACITY as i64 {
+            assert_eq!(change_id(poll(&feed, &wakes)), id);
+        }
+        assert!(poll(&feed, &wakes).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_reconnected_listener_tells_every_stream_to_catch_up_once() {
+        let hub = hub().await;
+        let feeds = [
+            hub.subscribe(Topic::Order(OrderId::new())),
+            hub.subscribe(Topic::User(UserId::new())),
+        ];
+        let wakes = Arc::new(Wakes::default());
+        for feed in &feeds {
+            assert!(poll(feed, &wakes).is_pending());
+        }
+        hub.catch_up_all();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        for feed in &feeds {
+            assert!(matches!(poll(feed, &wakes), Poll::Ready(Signal::CatchUp)));
+            assert!(poll(feed, &wakes).is_pending());
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_every_stream_and_each_one_opened_after_it() {
+        let hub = hub().await;
+        let (order, user) = (OrderId::new(), UserId::new());
+        let open = hub.subscribe(Topic::Order(order));
+        let wakes = Arc::new(Wakes::default());
+        assert!(poll(&open, &wakes).is_pending());
+
+        hub.shutdown.cancel();
+        for _ in 0..100 {
+            if wakes.0.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "the waiting stream is woken"
+        );
+        // Stopping wins over a change still held.
+        hub.dispatch(vec![change(1, order, user)]);
+        assert!(matches!(poll(&open, &wakes), Poll::Ready(Signal::Stop)));
+        let late = hub.subscribe(Topic::Order(order));
+        assert!(matches!(poll(&late, &wakes), Poll::Ready(Signal::Stop)));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_subscription_leaves_the_hub() {
+        let hub = hub().await;
+        let topic = Topic::User(UserId::new());
+        let (first, second) = (hub.subscribe(topic), hub.subscribe(topic));
+        assert_eq!(hub.watchers().by_topic[&topic].len(), 2);
+        drop(first);
+        assert_eq!(hub.watchers().by_topic[&topic].len(), 1);
+        drop(second);
+        assert!(!hub.watchers().by_topic.contains_key(&topic));
     }
 }

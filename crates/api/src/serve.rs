@@ -7,14 +7,15 @@
 //! as `ConnectInfo`, accept errors logged and retried, and on `stop` no new connections while the open ones finish
 //! what they are doing.
 
-use std::{io, time::Duration};
+use std::{convert::Infallible, io, time::Duration};
 
-use axum::{Router, body::Body, extract::ConnectInfo, http::Request};
-use hyper::body::Incoming;
-use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
+use axum::{Router, body::Body, extract::ConnectInfo, http::Request, response::Response};
+use futures_util::{FutureExt as _, future::BoxFuture};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::ServiceExt as _;
 
 /// Serves `router` on `listener` until `stop`, then waits for the open connections to finish.
 pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
@@ -36,19 +37,20 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
                 continue;
             }
         };
-        let service = router
-            .clone()
-            .map_request(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request.map(Body::new)
-            });
-        let connection = connections
-            .watch(http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
+        let router = router.clone();
+        // Each request's future is boxed: hyper keeps a slot of that future's size for as long as the
+        // connection is open (an event stream's connection, for hours), not only while a request is handled.
+        let service = service_fn(move |mut request: Request<Incoming>| -> BoxFuture<'static, Result<Response, Infallible>> {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(Body::new)).boxed()
+        });
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        // Spawned as it is, not in an `async` block: one would hold a second copy of the connection's state.
+        tokio::spawn(connection.map(move |ended| {
+            if let Err(err) = ended {
                 tracing::trace!(error = %err, %peer, "connection ended with an error");
             }
-        });
+        }));
     }
     drop(listener);
     connections.shutdown().await;

@@ -132,6 +132,16 @@ async fn an_order_stream_shows_pending_processing_completed_then_ends(pool: PgPo
     let user = app.new_user().await;
     let id = create(&app, &user.access).await;
     let mut stream = Stream::start(&app, &user.access, &format!("/orders/{id}/events"), None).await;
+    // The headers the response's map is sized for (`routes::events::sse`), besides those hyper writes itself.
+    let mut names: Vec<&str> = stream
+        .response
+        .headers()
+        .keys()
+        .map(|name| name.as_str())
+        .filter(|name| !matches!(*name, "date" | "transfer-encoding"))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["cache-control", "content-type", "x-request-id"]);
     let events = stream.rest().await;
     // Opened right after the create: the worker may have claimed it already, never completed it (two 300 ms stages).
     let seen = statuses(&events);
@@ -533,6 +543,63 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
         );
         assert_eq!(event.data["amount"], json!(19.9));
     }
+    let extra = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.next(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(extra.is_err(), "unexpected event: {extra:?}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn reconnecting_after_more_changes_than_one_history_read_gets_them_all_once_in_order(
+    pool: PgPool,
+) {
+    // No worker: the changes are made here, in one statement, as the worker's batches do. More of them than one
+    // read of the history returns, so the stream reads the rest itself while it is being sent.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let count = orders_core::db::events::USER_CHANGES_PAGE as usize + 20;
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(create(&app, &user.access).await);
+    }
+    let attempts: Vec<_> = ids
+        .iter()
+        .map(|id| orders_core::db::orders::Attempt {
+            id: orders_core::domain::OrderId(id.parse().unwrap()),
+            token: format!("test-{id}"),
+        })
+        .collect();
+    let claimed = orders_core::db::orders::claim_for_processing(
+        &app.db,
+        &attempts,
+        Duration::from_secs(60),
+        5,
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), count);
+
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", Some("0")).await;
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        seen.push(stream.next(Duration::from_secs(10)).await.unwrap());
+    }
+    let event_ids: Vec<i64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert!(
+        event_ids.windows(2).all(|w| w[0] < w[1]),
+        "out of order, or twice: {event_ids:?}"
+    );
+    let mut orders: Vec<&str> = seen
+        .iter()
+        .map(|e| e.data["id"].as_str().unwrap())
+        .collect();
+    orders.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(orders, expected, "each order once");
+    assert!(seen.iter().all(|event| event.status() == "PROCESSING"));
     let extra = tokio::time::timeout(
         Duration::from_millis(500),
         stream.next(Duration::from_secs(1)),
