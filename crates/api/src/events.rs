@@ -144,6 +144,10 @@ impl Inbox {
             return Poll::Ready(Signal::CatchUp);
         }
         if let Some(change) = state.changes.pop_front() {
+            if state.changes.is_empty() {
+                // Most streams are idle most of the time: an empty inbox holds no memory.
+                state.changes = VecDeque::new();
+            }
             return Poll::Ready(Signal::Change(change));
         }
         match &mut state.waker {
@@ -353,22 +357,20 @@ impl Hub {
                         Ok(changes) => self.dispatch(changes),
                         Err(err) => tracing::warn!(error = %err, "unreadable order event"),
                     },
-                    // sqlx reconnected and listens again, but what was announced meanwhile is gone.
+                    // The connection is lost. sqlx would reconnect on the next call, but the streams must catch up
+                    // only once a connection listens again (a change announced between their read and the LISTEN
+                    // would be lost), and only here is that known: start over with a new listener.
                     Ok(None) => {
-                        tracing::info!(
-                            "order events listener reconnected; streams catch up from the history"
-                        );
-                        metrics::counter!("sse_listener_reconnects_total").increment(1);
-                        self.catch_up_all();
+                        tracing::info!("order events listener lost its connection; reconnecting");
+                        break;
                     }
-                    // It could not reconnect: start over with a new listener (which resyncs once it listens).
                     Err(err) => {
-                        tracing::warn!(error = %err, "order events listener lost PostgreSQL; reconnecting");
+                        tracing::warn!(error = %err, "order events listener lost PostgreSQL; reconnecting in 500 ms");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                         break;
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }

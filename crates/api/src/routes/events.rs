@@ -165,6 +165,10 @@ fn sse(events: EventStream) -> Response {
     response
 }
 
+/// Orders a stream of all of a user's orders remembers having sent changes of before it reads the history to
+/// forget them (a read costs one query; what it remembers, about 40 bytes an order).
+const SENT_MAX: usize = 1024;
+
 /// The headers of a stream's response: `content-type`, `cache-control` and `x-request-id`.
 const SSE_RESPONSE_HEADERS: usize = 3;
 
@@ -211,8 +215,8 @@ enum Scope {
         user: UserId,
         /// Changes up to this id were sent or came before the stream: the history is read after it.
         floor: i64,
-        /// The last change sent per order not yet final, so that a change read back from the history is not
-        /// sent twice.
+        /// The last change sent per order since the floor, so that a change read back from the history is not
+        /// sent twice. Emptied up to the floor by each read; one that holds [`SENT_MAX`] orders asks for a read.
         sent: HashMap<OrderId, i64>,
         /// The last read of the history was a full page: the next one follows once the queue is sent.
         more: bool,
@@ -244,12 +248,8 @@ impl Scope {
                 if change.id <= *floor || sent.get(&order).is_some_and(|last| change.id <= *last) {
                     return None;
                 }
-                if !change.order.status.is_final() {
-                    sent.insert(order, change.id);
-                } else if sent.remove(&order).is_some() && sent.is_empty() {
-                    // No change of it will follow; an empty map holds no memory.
-                    *sent = HashMap::new();
-                }
+                // A final change too: the next read of the history, from the floor, gives it again.
+                sent.insert(order, change.id);
                 change.id
             }
         };
@@ -269,6 +269,12 @@ impl Scope {
     /// Whether the history has more for this stream than it read so far.
     fn more(&self) -> bool {
         matches!(self, Self::User { more: true, .. })
+    }
+
+    /// Whether the stream remembers so many changes sent that it should read the history, to move its floor
+    /// past them and forget them.
+    fn remembers_too_much(&self) -> bool {
+        matches!(self, Self::User { sent, .. } if sent.len() >= SENT_MAX)
     }
 
     /// Reads what this stream may have missed (a page of it, for a user's stream).
@@ -318,11 +324,19 @@ impl EventStream {
     fn caught_up(&mut self, missed: &[StatusChange]) {
         self.queue
             .extend(missed.iter().filter_map(|change| self.scope.accept(change)));
-        if let Scope::User { floor, more, .. } = &mut self.scope {
+        if let Scope::User {
+            floor, sent, more, ..
+        } = &mut self.scope
+        {
             if let Some(last) = missed.last() {
                 *floor = (*floor).max(last.id);
             }
             *more = missed.len() as i64 == events::USER_CHANGES_PAGE;
+            // The history is read after the floor from now on: what was sent up to it cannot come again.
+            sent.retain(|_, last| *last > *floor);
+            if sent.is_empty() {
+                *sent = HashMap::new();
+            }
         }
     }
 }
@@ -363,7 +377,11 @@ impl Stream for EventStream {
                 Signal::Stop => return Poll::Ready(None),
                 Signal::CatchUp => this.reading = Some(this.scope.read_history(&this.db)),
                 Signal::Change(change) => {
-                    if let Some(event) = this.scope.accept(&change) {
+                    let event = this.scope.accept(&change);
+                    if this.scope.remembers_too_much() {
+                        this.reading = Some(this.scope.read_history(&this.db));
+                    }
+                    if let Some(event) = event {
                         return Poll::Ready(Some(Ok(event)));
                     }
                 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -406,6 +407,77 @@ async fn a_change_made_while_the_listener_is_down_still_reaches_the_stream(pool:
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool: PgPool) {
+    // No worker: the changes are the owner's cancels. The first is sent live; then the listener reconnects and the
+    // stream reads the history back from where it started, which holds that cancel again.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let (first, second) = (
+        create(&app, &user.access).await,
+        create(&app, &user.access).await,
+    );
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
+    assert_eq!(
+        app.cancel(&user.access, &first).await.status(),
+        StatusCode::OK
+    );
+    let live = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (live.data["id"].as_str(), live.status()),
+        (Some(first.as_str()), "CANCELLED")
+    );
+
+    let listener = "select pid from pg_stat_activity
+                    where datname = current_database() and query like 'LISTEN%order_events%'";
+    let killed: Vec<i32> = sqlx::query_scalar(listener)
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "the listener's connection was not found");
+    sqlx::query("select pg_terminate_backend($1)")
+        .bind(killed[0])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    // Listening again on a new connection (this test's database is its own): the stream has been told to catch
+    // up, or is about to be.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: Vec<i32> = sqlx::query_scalar(listener)
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+        if now.len() == 1 && now != killed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for the catch-up's read, which would bring the first cancel back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(
+        app.cancel(&user.access, &second).await.status(),
+        StatusCode::OK
+    );
+    let next = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (next.data["id"].as_str(), next.status()),
+        (Some(second.as_str()), "CANCELLED"),
+        "a change sent before the reconnect came again"
+    );
+    let extra = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.next(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(extra.is_err(), "unexpected event: {extra:?}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn sigterm_ends_the_open_streams_and_the_api_exits(pool: PgPool) {
     use crate::helpers::{ApiProcess, database_url_of};
 
@@ -551,18 +623,13 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
     assert!(extra.is_err(), "unexpected event: {extra:?}");
 }
 
-#[sqlx::test(migrator = "orders_core::MIGRATOR")]
-async fn reconnecting_after_more_changes_than_one_history_read_gets_them_all_once_in_order(
-    pool: PgPool,
-) {
-    // No worker: the changes are made here, in one statement, as the worker's batches do. More of them than one
-    // read of the history returns, so the stream reads the rest itself while it is being sent.
-    let app = TestApp::spawn(pool).await;
-    let user = app.new_user().await;
-    let count = orders_core::db::events::USER_CHANGES_PAGE as usize + 20;
+/// Creates `count` orders of `token`'s user, 50 at a time, and claims them all for processing in one statement, as
+/// the worker's batches do (no worker runs): `count` PROCESSING changes, announced together. Their ids.
+async fn create_and_claim(app: &TestApp, token: &str, count: usize) -> Vec<String> {
     let mut ids = Vec::new();
-    for _ in 0..count {
-        ids.push(create(&app, &user.access).await);
+    while ids.len() < count {
+        let batch = (count - ids.len()).min(50);
+        ids.extend(join_all((0..batch).map(|_| create(app, token))).await);
     }
     let attempts: Vec<_> = ids
         .iter()
@@ -580,10 +647,14 @@ async fn reconnecting_after_more_changes_than_one_history_read_gets_them_all_onc
     .await
     .unwrap();
     assert_eq!(claimed.len(), count);
+    ids
+}
 
-    let mut stream = Stream::start(&app, &user.access, "/orders/events", Some("0")).await;
+/// Reads `ids.len()` events, and checks they are the PROCESSING of each of those orders once, in the order of the
+/// changes, and that nothing follows.
+async fn expect_each_processing_once(stream: &mut Stream, ids: &[String]) {
     let mut seen = Vec::new();
-    while seen.len() < count {
+    while seen.len() < ids.len() {
         seen.push(stream.next(Duration::from_secs(10)).await.unwrap());
     }
     let event_ids: Vec<i64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
@@ -606,6 +677,30 @@ async fn reconnecting_after_more_changes_than_one_history_read_gets_them_all_onc
     )
     .await;
     assert!(extra.is_err(), "unexpected event: {extra:?}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn reconnecting_after_more_changes_than_one_history_read_gets_them_all_once_in_order(
+    pool: PgPool,
+) {
+    // More changes than one read of the history returns: the stream reads the rest itself while it is sent.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let count = orders_core::db::events::USER_CHANGES_PAGE as usize + 20;
+    let ids = create_and_claim(&app, &user.access, count).await;
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", Some("0")).await;
+    expect_each_processing_once(&mut stream, &ids).await;
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_burst_of_changes_far_beyond_a_streams_inbox_arrives_whole_once_in_order(pool: PgPool) {
+    // 1,100 changes at once: far more than a stream holds (64), so it catches up from the history, and more than
+    // it remembers having sent (1,024), so it reads the history to forget them while the burst goes on.
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
+    let ids = create_and_claim(&app, &user.access, 1_100).await;
+    expect_each_processing_once(&mut stream, &ids).await;
 }
 
 /// Opens `/orders/events` until one is refused or `tries` (100 ms apart) have passed; the status of the last.
