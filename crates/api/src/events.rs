@@ -168,6 +168,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// What the stream watches.
+    pub fn topic(&self) -> Topic {
+        self.topic
+    }
+
     /// The next signal for this stream, or `Pending`.
     pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
         self.inbox.poll_signal(cx)

@@ -17,10 +17,8 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::{
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
-};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing::Instrument as _;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -215,15 +213,35 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .layer(middleware::from_fn(crate::metrics::track))
-        // A failed response is logged where its cause is known (`ApiError`), once; the trace layer's own line for
-        // every 5xx (at ERROR, readiness probes included) would repeat it.
-        .layer(TraceLayer::new_for_http().on_failure(()).make_span_with(|req: &Request| {
-            let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
-        }))
+        .layer(middleware::from_fn(in_request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(middleware::from_fn(drop_unusable_request_id))
+}
+
+/// Runs the request's handler, and the middleware inside this one, in a span carrying its method, path and
+/// request id, so that every line logged for it carries them too.
+///
+/// Around the handler only, not its response body: an event stream's body lives for hours, and a span kept
+/// that long holds its memory all that time (about 0.5 KB, 5 MB for 10,000 streams). A failed response is
+/// logged where its cause is known (`ApiError`), once.
+async fn in_request_span(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id);
+    let started = std::time::Instant::now();
+    let response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_millis() as u64,
+            "request answered"
+        );
+    });
+    response
 }
 
 /// A client's `X-Request-Id` is kept for correlation if it is short and plain; anything else is replaced by a

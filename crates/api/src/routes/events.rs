@@ -367,7 +367,8 @@ impl Stream for EventStream {
                     Ok(missed) => this.caught_up(&missed),
                     // The client reconnects with Last-Event-ID and gets them then.
                     Err(err) => {
-                        tracing::warn!(error = %err, "cannot read missed order events; closing the stream");
+                        // Outside the request's span (see `startup::in_request_span`): the topic says whose it is.
+                        tracing::warn!(error = %err, topic = ?this.feed.topic(), "cannot read missed order events; closing the stream");
                         return Poll::Ready(None);
                     }
                 }
