@@ -4,9 +4,10 @@
 //!
 //! PostgreSQL announces each status change when the transaction that makes it commits (a trigger on
 //! `order_status_history`), so a change made by any worker or any api replica reaches the streams of every
-//! replica. Notifications are not stored: when the listener loses its connection, or a stream falls
-//! [`WATCHER_CAPACITY`] changes behind, the stream is told to catch up ([`Signal::CatchUp`]) and reads what it may
-//! have missed back from `order_status_history` after the last id it sent.
+//! replica. Notifications are not stored: when the listener first listens and each time it listens again, or when a
+//! stream falls [`WATCHER_CAPACITY`] changes behind, the stream is told to catch up ([`Signal::CatchUp`]) and reads
+//! what it may have missed back from `order_status_history` (after the last id it sent, or for a stream of a
+//! user's orders, after its floor).
 //!
 //! Each stream has one small [`Inbox`] that the hub fills and wakes: its changes, the call to catch up, and the
 //! end at shutdown. An open stream costs memory for as long as it is open (10,000 of them on one process), so
@@ -86,7 +87,8 @@ struct Open {
 pub enum Signal {
     /// The server is stopping: end the stream.
     Stop,
-    /// Changes may have been missed (the listener reconnected, or this stream fell behind): read the history.
+    /// Changes may have been missed (the listener listens for the first time or again, or this stream fell
+    /// behind): read the history.
     CatchUp,
     /// The next change of the stream's topic, as PostgreSQL announced it (shared: one change may go to many
     /// streams).
@@ -176,6 +178,11 @@ impl Subscription {
     /// The next signal for this stream, or `Pending`.
     pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
         self.inbox.poll_signal(cx)
+    }
+
+    /// Whether the server is stopping.
+    pub fn is_closed(&self) -> bool {
+        self.inbox.state().closed
     }
 }
 
@@ -342,6 +349,8 @@ impl Hub {
                     continue;
                 }
             };
+            // Reconnect before telling of a lost connection (sqlx's default, relied on below).
+            listener.eager_reconnect(true);
             if let Err(err) = listener.listen(CHANNEL).await {
                 tracing::warn!(error = %err, "cannot LISTEN for order events; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -362,13 +371,16 @@ impl Hub {
                         Ok(changes) => self.dispatch(changes),
                         Err(err) => tracing::warn!(error = %err, "unreadable order event"),
                     },
-                    // The connection is lost. sqlx would reconnect on the next call, but the streams must catch up
-                    // only once a connection listens again (a change announced between their read and the LISTEN
-                    // would be lost), and only here is that known: start over with a new listener.
+                    // The connection was lost, and sqlx has made a new one that listens again (it reconnects before
+                    // returning, as set above): what was announced in between is gone, so the streams read it back.
                     Ok(None) => {
-                        tracing::info!("order events listener lost its connection; reconnecting");
-                        break;
+                        tracing::info!(
+                            "order events listener reconnected; streams catch up from the history"
+                        );
+                        metrics::counter!("sse_listener_reconnects_total").increment(1);
+                        self.catch_up_all();
                     }
+                    // It could not reconnect: start over with a new listener (the streams catch up once it listens).
                     Err(err) => {
                         tracing::warn!(error = %err, "order events listener lost PostgreSQL; reconnecting in 500 ms");
                         tokio::time::sleep(Duration::from_millis(500)).await;

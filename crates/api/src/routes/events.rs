@@ -26,6 +26,7 @@ use orders_core::{
     domain::{Order, OrderId, UserId},
 };
 use sqlx::PgPool;
+use tokio::time::Instant;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
@@ -130,13 +131,7 @@ async fn my_order_events(
     {
         return Err(ApiError::Unauthorized("User no longer exists"));
     }
-    let scope = Scope::User {
-        user: user.user_id,
-        floor: 0,
-        sent: HashMap::new(),
-        more: false,
-    };
-    let mut stream = EventStream::new(feed, &state.db, slot, scope);
+    let mut stream = EventStream::new(feed, &state.db, slot, Scope::user(user.user_id));
     match after {
         // The first page of what was missed now (a database error is still an error response); the rest as the
         // stream is read.
@@ -165,9 +160,13 @@ fn sse(events: EventStream) -> Response {
     response
 }
 
-/// Orders a stream of all of a user's orders remembers having sent changes of before it reads the history to
-/// forget them (a read costs one query; what it remembers, about 40 bytes an order).
+/// Orders a stream of all of a user's orders remembers (about 40 bytes each) before it forgets the settled ones.
 const SENT_MAX: usize = 1024;
+
+/// How long after a change was sent a stream takes every change with a smaller id as committed, and so as sent
+/// (live, or read back from the history after a reconnect). No transaction that changes an order's status runs
+/// this long: each is one statement, under the pools' statement timeout.
+const SETTLED_AFTER: Duration = Duration::from_secs(60);
 
 /// The headers of a stream's response: `content-type`, `cache-control` and `x-request-id`.
 const SSE_RESPONSE_HEADERS: usize = 3;
@@ -216,14 +215,33 @@ enum Scope {
         /// Changes up to this id were sent or came before the stream: the history is read after it.
         floor: i64,
         /// The last change sent per order since the floor, so that a change read back from the history is not
-        /// sent twice. Emptied up to the floor by each read; one that holds [`SENT_MAX`] orders asks for a read.
-        sent: HashMap<OrderId, i64>,
+        /// sent twice. Emptied up to the floor by each read of the history, and of the settled changes
+        /// ([`SETTLED_AFTER`]) once it holds `forget_at` orders.
+        sent: HashMap<OrderId, Sent>,
+        /// [`SENT_MAX`], or twice what `sent` kept at its last forgetting when more were recent.
+        forget_at: usize,
         /// The last read of the history was a full page: the next one follows once the queue is sent.
         more: bool,
     },
 }
 
+/// The last change sent of one order, and when.
+struct Sent {
+    id: i64,
+    at: Instant,
+}
+
 impl Scope {
+    fn user(user: UserId) -> Self {
+        Self::User {
+            user,
+            floor: 0,
+            sent: HashMap::new(),
+            forget_at: SENT_MAX,
+            more: false,
+        }
+    }
+
     fn order(order: OrderId, cursor: i64, done: bool) -> Self {
         Self::Order {
             order,
@@ -243,13 +261,24 @@ impl Scope {
                 *done = change.order.status.is_final();
                 return Some(status_event(change.id, &change.order));
             }
-            Self::User { floor, sent, .. } => {
+            Self::User {
+                floor,
+                sent,
+                forget_at,
+                ..
+            } => {
                 let order = change.order.id;
-                if change.id <= *floor || sent.get(&order).is_some_and(|last| change.id <= *last) {
+                if change.id <= *floor || sent.get(&order).is_some_and(|last| change.id <= last.id)
+                {
                     return None;
                 }
                 // A final change too: the next read of the history, from the floor, gives it again.
-                sent.insert(order, change.id);
+                let at = Instant::now();
+                sent.insert(order, Sent { id: change.id, at });
+                if sent.len() >= *forget_at {
+                    forget_settled(floor, sent, at);
+                    *forget_at = SENT_MAX.max(2 * sent.len());
+                }
                 change.id
             }
         };
@@ -271,12 +300,6 @@ impl Scope {
         matches!(self, Self::User { more: true, .. })
     }
 
-    /// Whether the stream remembers so many changes sent that it should read the history, to move its floor
-    /// past them and forget them.
-    fn remembers_too_much(&self) -> bool {
-        matches!(self, Self::User { sent, .. } if sent.len() >= SENT_MAX)
-    }
-
     /// Reads what this stream may have missed (a page of it, for a user's stream).
     fn read_history(&self, db: &PgPool) -> BoxFuture<'static, sqlx::Result<Vec<StatusChange>>> {
         let db = db.clone();
@@ -288,6 +311,20 @@ impl Scope {
                 async move { events::changes_of_user(&db, user, floor).await }.boxed()
             }
         }
+    }
+}
+
+/// Moves `floor` up to the last of the changes sent at least [`SETTLED_AFTER`] before `now` (all those before
+/// them are committed by then, and were sent live or read back), and forgets what was sent up to it.
+fn forget_settled(floor: &mut i64, sent: &mut HashMap<OrderId, Sent>, now: Instant) {
+    let settled = sent
+        .values()
+        .filter(|last| now.duration_since(last.at) >= SETTLED_AFTER)
+        .map(|last| last.id)
+        .max();
+    if let Some(settled) = settled {
+        *floor = (*floor).max(settled);
+        sent.retain(|_, last| last.id > *floor);
     }
 }
 
@@ -333,7 +370,7 @@ impl EventStream {
             }
             *more = missed.len() as i64 == events::USER_CHANGES_PAGE;
             // The history is read after the floor from now on: what was sent up to it cannot come again.
-            sent.retain(|_, last| *last > *floor);
+            sent.retain(|_, last| last.id > *floor);
             if sent.is_empty() {
                 *sent = HashMap::new();
             }
@@ -358,6 +395,10 @@ impl Stream for EventStream {
                 return Poll::Ready(None);
             }
             if this.reading.is_none() && this.scope.more() {
+                // Told to stop: the rest of the history is not worth the wait.
+                if this.feed.is_closed() {
+                    return Poll::Ready(None);
+                }
                 this.reading = Some(this.scope.read_history(&this.db));
             }
             if let Some(reading) = &mut this.reading {
@@ -378,15 +419,95 @@ impl Stream for EventStream {
                 Signal::Stop => return Poll::Ready(None),
                 Signal::CatchUp => this.reading = Some(this.scope.read_history(&this.db)),
                 Signal::Change(change) => {
-                    let event = this.scope.accept(&change);
-                    if this.scope.remembers_too_much() {
-                        this.reading = Some(this.scope.read_history(&this.db));
-                    }
-                    if let Some(event) = event {
+                    if let Some(event) = this.scope.accept(&change) {
                         return Poll::Ready(Some(Ok(event)));
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use orders_core::domain::OrderStatus;
+
+    use super::*;
+
+    fn change(id: i64, order: OrderId, user: UserId) -> StatusChange {
+        StatusChange {
+            id,
+            order: Order {
+                id: order,
+                user_id: user,
+                product_name: "Widget".into(),
+                amount: 1.into(),
+                status: OrderStatus::Completed,
+                created_at: Utc::now(),
+                updated_at: Utc::now(),
+            },
+        }
+    }
+
+    fn remembered(scope: &Scope) -> (i64, usize, usize) {
+        match scope {
+            Scope::User {
+                floor,
+                sent,
+                forget_at,
+                ..
+            } => (*floor, sent.len(), *forget_at),
+            Scope::Order { .. } => panic!("not a user's stream"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_stream_forgets_only_settled_changes_and_never_sends_one_twice() {
+        let user = UserId::new();
+        let mut scope = Scope::user(user);
+        let orders: Vec<OrderId> = (0..SENT_MAX).map(|_| OrderId::new()).collect();
+        let (old, recent) = orders.split_at(SENT_MAX / 2);
+        // Final changes (COMPLETED): remembered all the same, since a read of the history would give them again.
+        for (id, order) in (1..).zip(old) {
+            assert!(scope.accept(&change(id, *order, user)).is_some());
+        }
+        tokio::time::advance(SETTLED_AFTER).await;
+        // The recent ones include an id below the settled ones' (a transaction that committed late).
+        for (id, order) in (10_000..).zip(recent) {
+            let id = if id == 10_000 { 3 } else { id };
+            assert!(scope.accept(&change(id, *order, user)).is_some());
+        }
+        // The last one made SENT_MAX: the settled ones (ids 1 to 512) are forgotten behind the floor, and the one
+        // below it with them (its change committed, and was sent).
+        let settled = (SENT_MAX / 2) as i64;
+        assert_eq!(remembered(&scope), (settled, SENT_MAX / 2 - 1, SENT_MAX));
+        // Read back from the history: nothing twice.
+        assert!(scope.accept(&change(5, old[4], user)).is_none());
+        assert!(scope.accept(&change(3, recent[0], user)).is_none());
+        assert!(scope.accept(&change(10_001, recent[1], user)).is_none());
+        // A later change of a forgotten order is sent, and so is one that commits late with an id below the
+        // recent ones': the floor stopped at what had settled.
+        assert!(scope.accept(&change(20_000, old[0], user)).is_some());
+        assert!(scope.accept(&change(600, OrderId::new(), user)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_stream_forgets_nothing_recent_and_waits_for_twice_as_many() {
+        let user = UserId::new();
+        let mut scope = Scope::user(user);
+        for id in 1..=SENT_MAX as i64 {
+            assert!(scope.accept(&change(id, OrderId::new(), user)).is_some());
+        }
+        assert_eq!(remembered(&scope), (0, SENT_MAX, 2 * SENT_MAX));
+        tokio::time::advance(SETTLED_AFTER).await;
+        for id in 1..=SENT_MAX as i64 {
+            let id = SENT_MAX as i64 + id;
+            assert!(scope.accept(&change(id, OrderId::new(), user)).is_some());
+        }
+        assert_eq!(
+            remembered(&scope),
+            (SENT_MAX as i64, SENT_MAX, 2 * SENT_MAX)
+        );
     }
 }

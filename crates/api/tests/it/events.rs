@@ -416,6 +416,8 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
         create(&app, &user.access).await,
         create(&app, &user.access).await,
     );
+    // The listener is up (and has had the streams catch up) before the stream opens: the first cancel comes live.
+    let listening = listener_pid(&app, None).await;
     let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
     assert_eq!(
         app.cancel(&user.access, &first).await.status(),
@@ -427,35 +429,12 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
         (Some(first.as_str()), "CANCELLED")
     );
 
-    let listener = "select pid from pg_stat_activity
-                    where datname = current_database() and query like 'LISTEN%order_events%'";
-    let killed: Vec<i32> = sqlx::query_scalar(listener)
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(killed.len(), 1, "the listener's connection was not found");
     sqlx::query("select pg_terminate_backend($1)")
-        .bind(killed[0])
+        .bind(listening)
         .execute(&app.db)
         .await
         .unwrap();
-    // Listening again on a new connection (this test's database is its own): the stream has been told to catch
-    // up, or is about to be.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now: Vec<i32> = sqlx::query_scalar(listener)
-            .fetch_all(&app.db)
-            .await
-            .unwrap();
-        if now.len() == 1 && now != killed {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the listener did not reconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    listener_pid(&app, Some(listening)).await;
     // Time for the catch-up's read, which would bring the first cancel back.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -475,6 +454,31 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
     )
     .await;
     assert!(extra.is_err(), "unexpected event: {extra:?}");
+}
+
+/// The backend pid of the api's `LISTEN order_events` connection (this test's database is its own), once there
+/// is one and it is not `not`.
+async fn listener_pid(app: &TestApp, not: Option<i32>) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "select pid from pg_stat_activity
+             where datname = current_database() and query like 'LISTEN%order_events%'",
+        )
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+        if let [pid] = pids[..]
+            && Some(pid) != not
+        {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no listener (other than {not:?}): {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -551,26 +555,11 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
         assert_eq!(response.status(), StatusCode::CREATED);
         ids.push(json(response).await["id"].as_str().unwrap().to_owned());
     }
-    let attempts: Vec<_> = ids
-        .iter()
-        .map(|id| orders_core::db::orders::Attempt {
-            id: orders_core::domain::OrderId(id.parse().unwrap()),
-            token: format!("test-{id}"),
-        })
-        .collect();
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
         .await
         .unwrap();
     listener.listen("order_events").await.unwrap();
-    let claimed = orders_core::db::orders::claim_for_processing(
-        &app.db,
-        &attempts,
-        Duration::from_secs(60),
-        5,
-    )
-    .await
-    .unwrap();
-    assert_eq!(claimed.len(), 40);
+    claim_all(&app, &ids).await;
     // What the trigger sent: all 40 changes, split over several notifications, each under PostgreSQL's limit.
     let mut sizes = Vec::new();
     let mut announced = 0;
@@ -588,25 +577,7 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
     assert!(sizes.len() > 1, "{sizes:?}");
     assert!(sizes.iter().all(|&size| size < 8000), "{sizes:?}");
 
-    let mut seen = Vec::new();
-    while seen.len() < 40 {
-        seen.push(stream.next(Duration::from_secs(10)).await.unwrap());
-    }
-    let event_ids: Vec<i64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
-    assert!(
-        event_ids.windows(2).all(|w| w[0] < w[1]),
-        "out of order: {event_ids:?}"
-    );
-    let mut orders: Vec<&str> = seen
-        .iter()
-        .map(|e| e.data["id"].as_str().unwrap())
-        .collect();
-    orders.sort_unstable();
-    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
-    expected.sort_unstable();
-    assert_eq!(orders, expected, "each order once");
-    for event in &seen {
-        assert_eq!(event.status(), "PROCESSING");
+    for event in expect_each_processing_once(&mut stream, &ids).await {
         assert!(
             event.data["product_name"]
                 .as_str()
@@ -615,12 +586,6 @@ async fn a_batch_of_changes_too_large_for_one_notification_arrives_whole_and_in_
         );
         assert_eq!(event.data["amount"], json!(19.9));
     }
-    let extra = tokio::time::timeout(
-        Duration::from_millis(500),
-        stream.next(Duration::from_secs(1)),
-    )
-    .await;
-    assert!(extra.is_err(), "unexpected event: {extra:?}");
 }
 
 /// Creates `count` orders of `token`'s user, 50 at a time, and claims them all for processing in one statement, as
@@ -631,6 +596,12 @@ async fn create_and_claim(app: &TestApp, token: &str, count: usize) -> Vec<Strin
         let batch = (count - ids.len()).min(50);
         ids.extend(join_all((0..batch).map(|_| create(app, token))).await);
     }
+    claim_all(app, &ids).await;
+    ids
+}
+
+/// Claims the orders `ids` for processing in one statement, as the worker's batches do.
+async fn claim_all(app: &TestApp, ids: &[String]) {
     let attempts: Vec<_> = ids
         .iter()
         .map(|id| orders_core::db::orders::Attempt {
@@ -646,13 +617,12 @@ async fn create_and_claim(app: &TestApp, token: &str, count: usize) -> Vec<Strin
     )
     .await
     .unwrap();
-    assert_eq!(claimed.len(), count);
-    ids
+    assert_eq!(claimed.len(), ids.len());
 }
 
-/// Reads `ids.len()` events, and checks they are the PROCESSING of each of those orders once, in the order of the
-/// changes, and that nothing follows.
-async fn expect_each_processing_once(stream: &mut Stream, ids: &[String]) {
+/// Reads `ids.len()` events, checks they are the PROCESSING of each of those orders once, in the order of the
+/// changes, and that nothing follows; returns them.
+async fn expect_each_processing_once(stream: &mut Stream, ids: &[String]) -> Vec<SseEvent> {
     let mut seen = Vec::new();
     while seen.len() < ids.len() {
         seen.push(stream.next(Duration::from_secs(10)).await.unwrap());
@@ -677,6 +647,7 @@ async fn expect_each_processing_once(stream: &mut Stream, ids: &[String]) {
     )
     .await;
     assert!(extra.is_err(), "unexpected event: {extra:?}");
+    seen
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
