@@ -407,7 +407,7 @@ impl Drop for Slot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The hub's side of a stream, against the real Redis of `REDIS_URL` (for the shared count the hub keeps).
 
     use std::{
@@ -430,7 +430,13 @@ mod tests {
         Hub::new(10, 100, SharedSlots::new(conn, &prefix))
     }
 
-    fn change(id: i64, order: OrderId, user: UserId) -> StatusChange {
+    /// Change `id`, to `status`, of a widget `order` of `user`.
+    pub(crate) fn change(
+        id: i64,
+        order: OrderId,
+        user: UserId,
+        status: OrderStatus,
+    ) -> StatusChange {
         StatusChange {
             id,
             order: Order {
@@ -438,7 +444,7 @@ mod tests {
                 user_id: user,
                 product_name: "Widget".into(),
                 amount: 1.into(),
-                status: OrderStatus::Processing,
+                status,
                 created_at: Utc::now(),
                 updated_at: Utc::now(),
             },
@@ -479,7 +485,10 @@ mod tests {
             assert!(poll(feed, &wakes).is_pending());
         }
 
-        hub.dispatch(vec![change(1, order, user), change(2, order, user)]);
+        hub.dispatch(vec![
+            change(1, order, user, OrderStatus::Processing),
+            change(2, order, user, OrderStatus::Processing),
+        ]);
         assert_eq!(
             wakes.0.load(Ordering::SeqCst),
             2,
@@ -499,7 +508,7 @@ mod tests {
         let (order, user) = (OrderId::new(), UserId::new());
         let feed = hub.subscribe(Topic::User(user));
         let changes: Vec<_> = (1..=WATCHER_CAPACITY as i64 + 5)
-            .map(|id| change(id, order, user))
+            .map(|id| change(id, order, user, OrderStatus::Processing))
             .collect();
         hub.dispatch(changes);
 
@@ -552,7 +561,7 @@ mod tests {
             "the waiting stream is woken"
         );
         // Stopping wins over a change still held.
-        hub.dispatch(vec![change(1, order, user)]);
+        hub.dispatch(vec![change(1, order, user, OrderStatus::Processing)]);
         assert!(matches!(poll(&open, &wakes), Poll::Ready(Signal::Stop)));
         let late = hub.subscribe(Topic::Order(order));
         assert!(matches!(poll(&late, &wakes), Poll::Ready(Signal::Stop)));

@@ -430,24 +430,13 @@ impl Stream for EventStream {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
     use orders_core::domain::OrderStatus;
 
     use super::*;
 
+    /// A final change (COMPLETED): the kind a user's stream used to forget, and send again after a reconnect.
     fn change(id: i64, order: OrderId, user: UserId) -> StatusChange {
-        StatusChange {
-            id,
-            order: Order {
-                id: order,
-                user_id: user,
-                product_name: "Widget".into(),
-                amount: 1.into(),
-                status: OrderStatus::Completed,
-                created_at: Utc::now(),
-                updated_at: Utc::now(),
-            },
-        }
+        crate::events::tests::change(id, order, user, OrderStatus::Completed)
     }
 
     fn remembered(scope: &Scope) -> (i64, usize, usize) {
