@@ -252,14 +252,13 @@ impl Scope {
 
     /// The event for `change`, unless it was sent already (or the stream is done).
     fn accept(&mut self, change: &StatusChange) -> Option<Event> {
-        let last = match self {
+        match self {
             Self::Order { cursor, done, .. } => {
                 if change.id <= *cursor || *done {
                     return None;
                 }
                 *cursor = change.id;
                 *done = change.order.status.is_final();
-                return Some(status_event(change.id, &change.order));
             }
             Self::User {
                 floor,
@@ -279,10 +278,9 @@ impl Scope {
                     forget_settled(floor, sent, at);
                     *forget_at = SENT_MAX.max(2 * sent.len());
                 }
-                change.id
             }
-        };
-        Some(status_event(last, &change.order))
+        }
+        Some(status_event(change.id, &change.order))
     }
 
     fn set_floor(&mut self, to: i64) {
