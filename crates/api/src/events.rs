@@ -417,17 +417,11 @@ pub(crate) mod tests {
 
     use chrono::Utc;
     use orders_core::domain::{Order, OrderStatus};
-    use redis::aio::ConnectionManager;
 
     use super::*;
 
     async fn hub() -> Arc<Hub> {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let conn = ConnectionManager::new(redis::Client::open(url).unwrap())
-            .await
-            .unwrap();
-        let prefix = format!("test_{}", uuid::Uuid::new_v4().simple());
-        Hub::new(10, 100, SharedSlots::new(conn, &prefix))
+        Hub::new(10, 100, shared::tests::slots().await.0)
     }
 
     /// Change `id`, to `status`, of a widget `order` of `user`.

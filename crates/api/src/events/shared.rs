@@ -227,14 +227,15 @@ impl Drop for SharedSlot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Against the real Redis of `REDIS_URL`, each test under a prefix of its own.
 
     use redis::AsyncCommands;
 
     use super::*;
 
-    async fn slots() -> (Arc<SharedSlots>, ConnectionManager) {
+    /// Slots under a prefix of their own, and a connection to the same Redis.
+    pub(crate) async fn slots() -> (Arc<SharedSlots>, ConnectionManager) {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
         let conn = ConnectionManager::new(redis::Client::open(url).unwrap())
             .await

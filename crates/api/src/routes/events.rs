@@ -81,23 +81,23 @@ async fn order_events(
     let Some(order) = db::find_order(&state.db, user.user_id, id).await? else {
         return Err(ApiError::NotFound("Order not found"));
     };
-    let mut stream = EventStream::new(feed, &state.db, slot, Scope::order(id, 0, false));
-    match after {
+    let stream = match after {
         Some(after) => {
-            stream.scope = Scope::order(id, after, false);
             let missed = events::changes_of_order(&state.db, id, after).await?;
+            // Nothing missed, and nothing more to come: the stream ends at once.
+            let done = missed.is_empty() && order.status.is_final();
+            let mut stream = EventStream::new(feed, &state.db, slot, Scope::order(id, after, done));
             stream.caught_up(&missed);
-            // Nothing missed, and nothing more to come.
-            if stream.queue.is_empty() && order.status.is_final() {
-                stream.scope = Scope::order(id, after, true);
-            }
+            stream
         }
         None => {
             let last = events::last_change_of_order(&state.db, id).await?;
+            let scope = Scope::order(id, last, order.status.is_final());
+            let mut stream = EventStream::new(feed, &state.db, slot, scope);
             stream.queue.push_back(status_event(last, &order));
-            stream.scope = Scope::order(id, last, order.status.is_final());
+            stream
         }
-    }
+    };
     Ok(sse(stream))
 }
 
@@ -131,19 +131,21 @@ async fn my_order_events(
     {
         return Err(ApiError::Unauthorized("User no longer exists"));
     }
-    let mut stream = EventStream::new(feed, &state.db, slot, Scope::user(user.user_id));
-    match after {
+    let stream = match after {
         // The first page of what was missed now (a database error is still an error response); the rest as the
         // stream is read.
         Some(after) => {
             let missed = events::changes_of_user(&state.db, user.user_id, after).await?;
-            stream.scope.set_floor(after);
+            let mut stream =
+                EventStream::new(feed, &state.db, slot, Scope::user(user.user_id, after));
             stream.caught_up(&missed);
+            stream
         }
-        None => stream
-            .scope
-            .set_floor(events::last_change(&state.db).await?),
-    }
+        None => {
+            let floor = events::last_change(&state.db).await?;
+            EventStream::new(feed, &state.db, slot, Scope::user(user.user_id, floor))
+        }
+    };
     Ok(sse(stream))
 }
 
@@ -232,10 +234,10 @@ struct Sent {
 }
 
 impl Scope {
-    fn user(user: UserId) -> Self {
+    fn user(user: UserId, floor: i64) -> Self {
         Self::User {
             user,
-            floor: 0,
+            floor,
             sent: HashMap::new(),
             forget_at: SENT_MAX,
             more: false,
@@ -281,12 +283,6 @@ impl Scope {
             }
         }
         Some(status_event(change.id, &change.order))
-    }
-
-    fn set_floor(&mut self, to: i64) {
-        if let Self::User { floor, .. } = self {
-            *floor = to;
-        }
     }
 
     fn done(&self) -> bool {
@@ -452,7 +448,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_users_stream_forgets_only_settled_changes_and_never_sends_one_twice() {
         let user = UserId::new();
-        let mut scope = Scope::user(user);
+        let mut scope = Scope::user(user, 0);
         let orders: Vec<OrderId> = (0..SENT_MAX).map(|_| OrderId::new()).collect();
         let (old, recent) = orders.split_at(SENT_MAX / 2);
         // Final changes (COMPLETED): remembered all the same, since a read of the history would give them again.
@@ -482,7 +478,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_users_stream_forgets_nothing_recent_and_waits_for_twice_as_many() {
         let user = UserId::new();
-        let mut scope = Scope::user(user);
+        let mut scope = Scope::user(user, 0);
         for id in 1..=SENT_MAX as i64 {
             assert!(scope.accept(&change(id, OrderId::new(), user)).is_some());
         }
