@@ -6,8 +6,14 @@
 //! an apalis worker for good, is followed by a restart with backoff. Nothing depends on Redis keeping jobs:
 //! the reconciler re-queues from PostgreSQL whatever a lost job would leave behind. Each consumer generation that
 //! stops (a Redis error, or shutdown) is unregistered at once, and the janitor sweeps up after killed processes.
+//!
+//! A consumer that fails while Redis answers was stopped by an entry apalis-redis cannot read (Redis lost part of
+//! a job): the janitor repairs or removes what the failed consumer had fetched before it is restarted, so no
+//! partial loss stops processing. Such failures are logged and counted apart from a Redis outage, and a consumer
+//! that keeps failing against an answering Redis makes the worker unhealthy ([`health`]).
 
 pub mod config;
+pub mod health;
 pub mod janitor;
 pub mod outage;
 pub mod process_order;
@@ -29,6 +35,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, WorkerSettings};
+pub use health::ConsumerHealth;
 pub use janitor::Janitor;
 pub use process_order::{JobFailure, Outcome, ProcessError, Processor};
 pub use reconcile::Reconciler;
@@ -37,7 +44,8 @@ pub use reconcile::Reconciler;
 const MISSED_HEARTBEATS: usize = 3;
 /// Most jobs fetched from Redis at once.
 const FETCH_BATCH: usize = 128;
-/// Longest pause between two restarts after Redis errors.
+/// Shortest and longest pause between two restarts after Redis errors (none when the cause was repaired).
+const MIN_RESTART_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A name no other worker process has, now or before: `worker-<pid>-<uuid v7>`.
@@ -124,6 +132,30 @@ fn register_metrics() {
         metrics::counter!("worker_jobs_total", "outcome" => outcome).increment(0);
     }
     metrics::counter!("worker_jobs_retried_total").increment(0);
+    metrics::describe_counter!(
+        "worker_consumer_failures_total",
+        "Queue consumers that failed and were restarted, by whether Redis answered right after (answers, unreachable)"
+    );
+    for redis in ["answers", "unreachable"] {
+        metrics::counter!("worker_consumer_failures_total", "redis" => redis).increment(0);
+    }
+    metrics::describe_gauge!(
+        "worker_consumer_failing",
+        "1 while the consumer keeps failing although Redis answers (GET /health answers 503 meanwhile)"
+    );
+    metrics::gauge!("worker_consumer_failing").set(0.0);
+    metrics::describe_counter!(
+        "queue_unreadable_entries_total",
+        "Queue entries apalis-redis could not read (Redis lost part of them), repaired or removed, by problem"
+    );
+    for problem in janitor::PROBLEMS {
+        metrics::counter!("queue_unreadable_entries_total", "problem" => problem).increment(0);
+    }
+    metrics::describe_counter!(
+        "worker_lease_takeovers_total",
+        "PROCESSING orders taken over after their lease expired (not a status change)"
+    );
+    metrics::counter!("worker_lease_takeovers_total").increment(0);
     metrics::counter!("worker_reconciler_requeued_total").increment(0);
     for to in ["PROCESSING", "COMPLETED"] {
         metrics::counter!("order_transitions_total", "to" => to).increment(0);
@@ -138,6 +170,17 @@ pub async fn run(
     db: PgPool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_health(settings, queue_config, db, stop, ConsumerHealth::default()).await
+}
+
+/// [`run`], reporting the consumer's health to `health` (which `GET /health` reads).
+pub async fn run_with_health(
+    settings: WorkerSettings,
+    queue_config: QueueConfig,
+    db: PgPool,
+    stop: CancellationToken,
+    health: ConsumerHealth,
+) -> anyhow::Result<()> {
     settings.validate()?;
     orders_core::telemetry::prometheus();
     register_metrics();
@@ -148,6 +191,7 @@ pub async fn run(
     let dead_after = settings.heartbeat() * (2 * MISSED_HEARTBEATS as u32);
     let mut janitor = Janitor::new(connection.clone(), push_queue.keys().clone(), dead_after);
     let outage = outage::RedisOutage::default();
+    let ping_queue = push_queue.clone();
     if !push_queue.ping(queue_config.redis_timeout()).await {
         outage.failed("the first ping", &"no answer");
     }
@@ -173,7 +217,7 @@ pub async fn run(
     );
 
     let mut generation = 0usize;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = MIN_RESTART_BACKOFF;
     while !stop.is_cancelled() {
         let storage = RedisStorage::<ProcessOrder>::new(connection.clone()).with_config(
             queue::queue_settings(&queue_config)
@@ -190,6 +234,13 @@ pub async fn run(
             .build(handle_job);
         let signal = stop.clone();
         let started = Instant::now();
+        let ran_well = tokio::spawn({
+            let health = health.clone();
+            async move {
+                tokio::time::sleep(health::HEALTHY_AFTER).await;
+                health.ran_well();
+            }
+        });
         let consuming = worker.run_until(async move {
             signal.cancelled().await;
             Ok::<(), std::io::Error>(())
@@ -204,6 +255,31 @@ pub async fn run(
                 tracing::warn!("jobs still running after the shutdown timeout; leaving them to their leases");
                 None
             }
+        };
+        ran_well.abort();
+        // A failure while Redis answers comes from the queue's content, not from Redis: repair or remove what
+        // this generation fetched (apalis moved its batch to the in-flight set before failing on it).
+        let failure = match &result {
+            Some(Err(err)) if !stop.is_cancelled() => {
+                let redis_answers = ping_queue.ping(queue_config.redis_timeout()).await;
+                let healed = if redis_answers {
+                    match janitor.heal_after_failure(&generation_name).await {
+                        Ok(healed) => healed,
+                        Err(heal_err) => {
+                            tracing::warn!(error = %heal_err, "cannot examine what the failed consumer fetched");
+                            0
+                        }
+                    }
+                } else {
+                    0
+                };
+                // A failure whose cause was found and removed is not held against the consumer.
+                if healed == 0 {
+                    health.failed(redis_answers, &err.to_string());
+                }
+                Some((redis_answers, healed))
+            }
+            _ => None,
         };
         // This generation is over: unregister it now rather than leave it to the sweeps (apalis's own
         // unregistering on close removes the wrong member), and give back what it fetched but did not finish.
@@ -220,21 +296,37 @@ pub async fn run(
         if stop.is_cancelled() {
             break;
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_millis(250);
+        if started.elapsed() > health::HEALTHY_AFTER {
+            backoff = MIN_RESTART_BACKOFF;
         }
         // One line per restart: apalis's own lines about the same failure are off in the default RUST_LOG.
-        match result {
-            Ok(()) => tracing::warn!(?backoff, "queue consumer stopped on its own; restarting it"),
-            Err(err) => {
+        match (result, failure) {
+            (Err(err), Some((true, healed))) => {
+                metrics::counter!("worker_consumer_failures_total", "redis" => "answers").increment(1);
+                if healed > 0 {
+                    // The cause is gone: restart at once.
+                    backoff = Duration::ZERO;
+                }
+                let report = health.report();
+                if report.healthy() {
+                    tracing::warn!(error = %err, healed, ?backoff, attempt = generation + 1, "queue consumer failed although Redis answers; restarting it");
+                } else {
+                    tracing::error!(error = %err, healed, ?backoff, failures = report.consecutive_failures, "queue consumer keeps failing although Redis answers; restarting it (GET /health answers 503)");
+                }
+            }
+            (Err(err), _) => {
+                metrics::counter!("worker_consumer_failures_total", "redis" => "unreachable").increment(1);
                 tracing::warn!(error = %err, ?backoff, attempt = generation + 1, "queue consumer failed (is Redis up?); restarting it")
+            }
+            (Ok(()), _) => {
+                tracing::warn!(?backoff, "queue consumer stopped on its own; restarting it")
             }
         }
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+        backoff = (backoff * 2).clamp(MIN_RESTART_BACKOFF, MAX_RESTART_BACKOFF);
         generation += 1;
     }
     stop.cancel();
@@ -290,15 +382,26 @@ async fn handle_job(
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is cancelled, sampling the backlog
-/// gauges on each scrape.
+/// Serves `GET /metrics` (Prometheus text format, sampling the backlog gauges on each scrape) and `GET /health`
+/// (the consumer's [`health::HealthReport`] as JSON: 200 while healthy, 503 while the consumer keeps failing
+/// although Redis answers) on `listener` until `stop` is cancelled.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     gauges: Arc<BacklogGauges>,
+    health: ConsumerHealth,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let handle = orders_core::telemetry::prometheus();
-    let router = axum::Router::new().route(
+    let health_route = axum::routing::get(move || {
+        let report = health.report();
+        let status = if report.healthy() {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        };
+        std::future::ready((status, axum::Json(report)))
+    });
+    let router = axum::Router::new().route("/health", health_route).route(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();

@@ -28,8 +28,27 @@ impl RedisOutage {
         }
     }
 
+    /// Records a failed Redis call: through [`Self::failed`] if Redis did not answer, as a warning of its own if it
+    /// answered with an error (a script refused, a key of another type), which says nothing about its being up.
+    pub fn redis_failed(&self, what: &str, error: &redis::RedisError) {
+        if unreachable(error) {
+            self.failed(what, error);
+        } else {
+            self.succeeded();
+            tracing::warn!(%error, "{what} failed although Redis answers; retrying next round");
+        }
+    }
+
     /// Whether the last call failed.
     pub fn is_down(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
+}
+
+/// Whether `error` means Redis did not answer (rather than answered with an error).
+pub fn unreachable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
 }

@@ -177,10 +177,13 @@ impl Processor {
         };
         if let Some(previous) = self.claims.run(attempt).await? {
             if previous == OrderStatus::Processing {
+                // Not a transition: the order stays PROCESSING, and its history and streams say so once.
                 tracing::warn!(order_id = %id, "took over an order whose worker's lease expired");
+                metrics::counter!("worker_lease_takeovers_total").increment(1);
+            } else {
+                tracing::info!(order_id = %id, from = previous.as_str(), to = "PROCESSING", "order transition");
+                metrics::counter!("order_transitions_total", "to" => "PROCESSING").increment(1);
             }
-            tracing::info!(order_id = %id, from = previous.as_str(), to = "PROCESSING", "order transition");
-            metrics::counter!("order_transitions_total", "to" => "PROCESSING").increment(1);
             return Ok(Ok(Claim { token, previous }));
         }
         match db::order_status(&self.db, id).await? {

@@ -91,7 +91,7 @@ impl Reconciler {
                 self.outage.succeeded();
                 tracing::debug!(?sweep, "janitor: swept");
             }
-            Err(err) => self.outage.failed("the janitor's sweep", &err),
+            Err(err) => self.outage.redis_failed("the janitor's sweep", &err),
         }
         self.feed(1).await
     }
@@ -103,7 +103,7 @@ impl Reconciler {
             Ok(true) => {}
             Ok(false) => return Ok(0),
             Err(err) => {
-                self.outage.failed("the reconciler's feed lock", &err);
+                self.outage.redis_failed("the reconciler's feed lock", &err);
                 return Ok(0);
             }
         }
@@ -208,7 +208,8 @@ impl Reconciler {
         }
     }
 
-    /// Runs a full round every `interval`; in between, forgets finished jobs every second, and while a backlog
+    /// Runs a full round every `interval`; in between, forgets finished jobs and heals what Redis lost (see
+    /// [`Janitor::heal`]) every second, and while a backlog
     /// waits, feeds it every 100 ms as soon as half the queue has drained (large batches, few queries), until
     /// `stop` is cancelled.
     pub async fn run(mut self, interval: Duration, stop: CancellationToken) {
@@ -232,7 +233,10 @@ impl Reconciler {
             } else {
                 match self.janitor.purge_finished().await {
                     Ok(_) => self.outage.succeeded(),
-                    Err(err) => self.outage.failed("the janitor's purge", &err),
+                    Err(err) => self.outage.redis_failed("the janitor's purge", &err),
+                }
+                if let Err(err) = self.janitor.heal().await {
+                    self.outage.redis_failed("the janitor's heal", &err);
                 }
                 if self.backlog {
                     self.feed(low_water).await

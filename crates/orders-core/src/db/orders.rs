@@ -419,6 +419,9 @@ pub struct Attempt {
 ///
 /// Each claim counts one attempt. An order that has had `max_attempts` already, or is parked, is not claimed:
 /// see [`park_exhausted`].
+///
+/// Only `PENDING → PROCESSING` is recorded in `order_status_history` (and so announced to the live streams): a
+/// takeover changes the lease's holder, not the status, so the history shows each status once.
 pub async fn claim_for_processing(
     executor: impl PgExecutor<'_>,
     attempts: &[Attempt],
@@ -445,7 +448,7 @@ pub async fn claim_for_processing(
             returning o.id, i.token, c.status as previous
         ), logged as (
             insert into order_status_history (order_id, status, changed_by)
-            select id, 'PROCESSING', token from claimed
+            select id, 'PROCESSING', token from claimed where previous = 'PENDING'
         )
         select token as "token!", previous as "previous!: OrderStatus" from claimed
         "#,
