@@ -13,6 +13,7 @@ use axum::{
     routing::get,
 };
 use orders_core::queue::{self, OrderQueue, gauges::BacklogGauges};
+use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -46,6 +47,9 @@ pub struct App {
     /// `/metrics`, on a listener of its own (`METRICS_ADDR`), unless turned off.
     metrics: Option<(TcpListener, Router)>,
     db: PgPool,
+    /// Read once at start for its version and eviction policy, within `redis_timeout`.
+    redis: ConnectionManager,
+    redis_timeout: Duration,
     /// Ended at shutdown, so that open event streams do not hold the graceful shutdown.
     events: Arc<crate::events::Hub>,
     worker: Option<(
@@ -78,6 +82,7 @@ impl App {
         orders_core::telemetry::prometheus();
         crate::metrics::register();
         let gauges = Arc::new(BacklogGauges::new(db.clone(), queue.clone()));
+        let redis = queue.connection();
         // Half the pool at most for the inserts of creates, and half for the reads of lists, so that neither
         // starves the other (or the other routes) of connections.
         let batch_slots = (db.options().get_max_connections() as usize / 2).max(1);
@@ -136,6 +141,8 @@ impl App {
             router,
             metrics,
             db,
+            redis,
+            redis_timeout: config.queue.redis_timeout(),
             events,
             worker,
         })
@@ -174,6 +181,7 @@ impl App {
             }
         };
         tokio::spawn(purge_periodically(self.db, stop.clone()));
+        queue::server::spawn_check(self.redis, self.redis_timeout, "api", stop.clone());
         let events = self.events.shutdown.clone();
         let stopping = stop.clone();
         tokio::spawn(async move {

@@ -47,6 +47,8 @@ const FETCH_BATCH: usize = 128;
 /// Shortest and longest pause between two restarts after Redis errors (none when the cause was repaired).
 const MIN_RESTART_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest pause between two restarts while Redis answers.
+const MAX_ANSWERING_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A name no other worker process has, now or before: `worker-<pid>-<uuid v7>`.
 pub fn unique_worker_name() -> String {
@@ -300,12 +302,17 @@ pub async fn run_with_health(
             backoff = MIN_RESTART_BACKOFF;
         }
         // One line per restart: apalis's own lines about the same failure are off in the default RUST_LOG.
-        match (result, failure) {
+        match (result, &failure) {
             (Err(err), Some((true, healed))) => {
-                metrics::counter!("worker_consumer_failures_total", "redis" => "answers").increment(1);
+                let healed = *healed;
+                metrics::counter!("worker_consumer_failures_total", "redis" => "answers")
+                    .increment(1);
                 if healed > 0 {
                     // The cause is gone: restart at once.
                     backoff = Duration::ZERO;
+                } else {
+                    // Redis answers, so a restart costs little: keep it prompt (a lost registration, say).
+                    backoff = backoff.min(MAX_ANSWERING_BACKOFF);
                 }
                 let report = health.report();
                 if report.healthy() {
@@ -315,7 +322,8 @@ pub async fn run_with_health(
                 }
             }
             (Err(err), _) => {
-                metrics::counter!("worker_consumer_failures_total", "redis" => "unreachable").increment(1);
+                metrics::counter!("worker_consumer_failures_total", "redis" => "unreachable")
+                    .increment(1);
                 tracing::warn!(error = %err, ?backoff, attempt = generation + 1, "queue consumer failed (is Redis up?); restarting it")
             }
             (Ok(()), _) => {
@@ -326,7 +334,13 @@ pub async fn run_with_health(
             () = stop.cancelled() => break,
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).clamp(MIN_RESTART_BACKOFF, MAX_RESTART_BACKOFF);
+        backoff = (backoff * 2).clamp(
+            MIN_RESTART_BACKOFF,
+            match &failure {
+                Some((true, _)) => MAX_ANSWERING_BACKOFF,
+                _ => MAX_RESTART_BACKOFF,
+            },
+        );
         generation += 1;
     }
     stop.cancel();

@@ -50,6 +50,7 @@ async fn main() -> ExitCode {
         };
     }
     let stop = CancellationToken::new();
+    let health = worker::ConsumerHealth::default();
     if config.worker_metrics_addr != "off" {
         let queue = match orders_core::queue::order_queue(&config.queue) {
             Ok(queue) => queue,
@@ -67,7 +68,12 @@ async fn main() -> ExitCode {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, "metrics at /metrics");
                 }
-                tokio::spawn(worker::serve_metrics(listener, gauges, stop.clone()));
+                tokio::spawn(worker::serve_metrics(
+                    listener,
+                    gauges,
+                    health.clone(),
+                    stop.clone(),
+                ));
             }
             Err(err) => {
                 tracing::error!(
@@ -78,12 +84,29 @@ async fn main() -> ExitCode {
             }
         }
     }
+    match orders_core::queue::redis_connection(&config.queue) {
+        Ok(conn) => {
+            orders_core::queue::server::spawn_check(
+                conn,
+                config.queue.redis_timeout(),
+                "worker",
+                stop.clone(),
+            );
+        }
+        Err(err) => {
+            tracing::error!(
+                "cannot start: {}",
+                orders_core::telemetry::error_chain(&err)
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let signal = stop.clone();
     tokio::spawn(async move {
         orders_core::shutdown_signal().await;
         signal.cancel();
     });
-    match worker::run(config.worker, config.queue, db, stop).await {
+    match worker::run_with_health(config.worker, config.queue, db, stop, health).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(

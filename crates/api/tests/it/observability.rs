@@ -221,3 +221,53 @@ fn the_api_refuses_to_start_with_a_short_secret_or_an_unsupported_algorithm() {
         assert!(!stderr.contains(secret), "the secret is echoed: {stderr}");
     }
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn metrics_show_the_version_and_eviction_policy_of_the_redis_in_use(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    // What the Redis itself says, asked another way than the app does.
+    let mut redis = redis::Client::open(crate::helpers::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, policy): (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap()
+        .trim();
+    let labels = [
+        format!(r#"version="{version}""#),
+        format!(r#"maxmemory_policy="{policy}""#),
+    ];
+    // The app reads Redis in the background once it runs.
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = app.metrics().await;
+        let exported = metrics.lines().any(|line| {
+            line.starts_with("redis_server_info{")
+                && line.ends_with("} 1")
+                && labels.iter().all(|label| line.contains(label.as_str()))
+        });
+        if exported {
+            assert!(metrics.contains("# HELP redis_server_info "), "{metrics}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no redis_server_info with {labels:?} in:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod gauges;
 pub mod keys;
+pub mod server;
 
 use std::{
     sync::{Arc, Mutex, PoisonError},

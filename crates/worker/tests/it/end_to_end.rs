@@ -1,18 +1,15 @@
 //! Real workers in this process, a real Redis queue, real faults.
 
-use std::{
-    collections::HashSet,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use sqlx::PgPool;
-use uuid::Uuid;
 
-use crate::helpers::{
-    TestQueue, count_with_status, create_and_enqueue, fast_settings, new_orders, spawn_worker,
-    transitions, wait_until,
+use crate::{
+    helpers::{
+        TestQueue, count_with_status, create_and_enqueue, fast_settings, new_orders, spawn_worker,
+        transitions, wait_until,
+    },
+    own_redis::OwnRedis,
 };
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -73,75 +70,6 @@ async fn orders_never_enqueued_are_found_by_the_reconciler(db: PgPool) {
     .await;
     stop.cancel();
     worker.await.unwrap();
-}
-
-/// A Redis server of this test's own, that the test can stop and start again.
-///
-/// It listens on a unix socket at a path no one else uses, not on a TCP port: redis-server cannot pick a free
-/// port itself (`--port 0` means "no TCP at all"), and a port found free by binding and closing it can be taken
-/// by another process before redis-server binds it, or between a stop and the next start. The test would then
-/// fail, or worse, talk to someone else's server.
-struct OwnRedis {
-    socket: PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn new() -> Self {
-        Self {
-            socket: std::env::temp_dir().join(format!("orders-test-redis-{}.sock", Uuid::new_v4())),
-            child: None,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis+unix://{}?db=0", self.socket.display())
-    }
-
-    async fn start(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--unixsocket",
-                self.socket.to_str().expect("a UTF-8 temporary directory"),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        self.child = Some(child);
-        let url = self.url();
-        wait_until(Duration::from_secs(10), "redis-server to start", || {
-            let url = url.clone();
-            async move {
-                redis::Client::open(url.as_str())
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                    .is_ok()
-            }
-        })
-        .await;
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-        // A killed redis-server leaves its socket file behind (a restart replaces it).
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]

@@ -7,6 +7,8 @@
 mod end_to_end;
 mod handler;
 mod helpers;
+mod own_redis;
 mod parking;
+mod partial_loss;
 mod processes;
 mod queue_at_scale;

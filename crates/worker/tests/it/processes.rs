@@ -11,9 +11,12 @@ use std::{
 use orders_core::domain::OrderStatus;
 use sqlx::PgPool;
 
-use crate::helpers::{
-    TestQueue, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
-    status_of, wait_until,
+use crate::{
+    helpers::{
+        TestQueue, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
+        status_of, wait_until,
+    },
+    own_redis::OwnRedis,
 };
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -114,28 +117,7 @@ fn metrics_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> So
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
     let queue = TestQueue::new();
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .env("DATABASE_URL", database_url(&db))
-        .env("REDIS_URL", &queue.config.redis_url)
-        .env("QUEUE_NAME", &queue.config.queue_name)
-        .env("ORDER_STAGE_DELAY_MS", "10")
-        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("worker binary");
-    // Its output is read on a thread of its own, so the test can watch for a line while the worker runs.
-    let (sender, lines) = mpsc::channel();
-    let stdout = worker.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut worker, lines) = spawn_with_json_logs(&db, &queue);
     let mut logs = Vec::new();
     let metrics_addr = metrics_address(&lines, &mut logs);
     let [id] = create_and_enqueue(&db, &queue.push_queue(), 1).await[..] else {
@@ -170,11 +152,7 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
         );
     }
 
-    Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(worker.wait().unwrap().success());
+    worker.terminate();
     // The pipe is closed now: the rest of the lines, up to the last.
     logs.extend(lines.iter());
     let logs = logs.join("\n");
@@ -194,4 +172,166 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
             "a job log line without the order id: {line}"
         );
     }
+}
+
+/// The `worker` binary on the test's database and queue, logging JSON at info level, with its output lines
+/// forwarded to the returned receiver from a thread of its own (so the test can watch for a line while the
+/// worker runs). Killed when dropped, so that a failed test leaves no worker behind.
+fn spawn_with_json_logs(db: &PgPool, queue: &TestQueue) -> (KillOnDrop, mpsc::Receiver<String>) {
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("DATABASE_URL", database_url(db))
+        .env("REDIS_URL", &queue.config.redis_url)
+        .env("QUEUE_NAME", &queue.config.queue_name)
+        .env("ORDER_STAGE_DELAY_MS", "10")
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("worker binary");
+    let (sender, lines) = mpsc::channel();
+    let stdout = worker.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (KillOnDrop(worker), lines)
+}
+
+/// A child process killed (SIGKILL) when dropped, unless it has exited already.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// Stops it with SIGTERM and asserts that it exits 0.
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(self.0.wait().unwrap().success());
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The `redis_server_info` line of a `/metrics` text, if it has one.
+fn redis_server_info(metrics: &str) -> Option<&str> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with("redis_server_info{"))
+}
+
+/// The `redis_version` of the queue's Redis, as its `INFO server` says.
+async fn redis_version(queue: &TestQueue) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut queue.redis().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .expect("INFO server has redis_version")
+        .trim()
+        .to_owned()
+}
+
+/// Runs the `worker` binary on `redis` until its `/metrics` shows `redis_server_info` with `policy`, then 3 s
+/// more (past the check's 2 s retry interval, so that a second report would show), and stops it. Returns its
+/// logs. With `start_redis_late`, Redis starts only once the worker has: the check retries until it answers.
+async fn worker_logs_with(
+    db: &PgPool,
+    redis: &mut OwnRedis,
+    policy: &str,
+    start_redis_late: bool,
+) -> String {
+    if !start_redis_late {
+        redis.start().await;
+    }
+    let queue = TestQueue::at(&redis.url());
+    let (mut worker, lines) = spawn_with_json_logs(db, &queue);
+    let mut logs = Vec::new();
+    let metrics_addr = metrics_address(&lines, &mut logs);
+    if start_redis_late {
+        redis.start().await;
+    }
+    let version = redis_version(&queue).await;
+    let expected = [
+        format!(r#"version="{version}""#),
+        format!(r#"maxmemory_policy="{policy}""#),
+    ];
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+    wait_until(
+        Duration::from_secs(20),
+        "redis_server_info on the worker's /metrics",
+        || async {
+            let metrics = reqwest::get(&metrics_url)
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            redis_server_info(&metrics).is_some_and(|line| {
+                line.ends_with("} 1") && expected.iter().all(|label| line.contains(label.as_str()))
+            })
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    worker.terminate();
+    // The pipe is closed now: the rest of the lines, up to the last.
+    logs.extend(lines.iter());
+    logs.join("\n")
+}
+
+/// The worker's warning about Redis's eviction policy.
+const EVICTION_WARNING: &str = "not noeviction";
+/// The worker's warning about Redis's version.
+const VERSION_WARNING: &str = "older than any version the service is tested with";
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn an_evicting_redis_is_warned_about_once_and_exported(db: PgPool) {
+    let mut redis =
+        OwnRedis::with_args(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
+    let logs = worker_logs_with(&db, &mut redis, "allkeys-lru", false).await;
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains(EVICTION_WARNING))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    for part in [
+        r#""level":"WARN""#,
+        "maxmemory-policy is allkeys-lru",
+        "re-driven from PostgreSQL",
+        "Set `maxmemory-policy noeviction`",
+    ] {
+        assert!(
+            warnings[0].contains(part),
+            "{part} missing from {}",
+            warnings[0]
+        );
+    }
+    // The Redis the tests run (7.0 or later) is not warned about.
+    assert!(!logs.contains(VERSION_WARNING), "{logs}");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_noeviction_redis_that_comes_up_after_the_worker_is_exported_without_a_warning(
+    db: PgPool,
+) {
+    let mut redis = OwnRedis::new();
+    let logs = worker_logs_with(&db, &mut redis, "noeviction", true).await;
+    assert!(!logs.contains(EVICTION_WARNING), "{logs}");
+    assert!(!logs.contains(VERSION_WARNING), "{logs}");
 }
