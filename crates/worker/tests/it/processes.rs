@@ -13,7 +13,7 @@ use sqlx::PgPool;
 
 use crate::{
     helpers::{
-        TestQueue, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
+        TestQueue, count_with_status, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
         status_of, wait_until,
     },
     own_redis::OwnRedis,
@@ -117,7 +117,7 @@ fn metrics_address(lines: &mpsc::Receiver<String>, logs: &mut Vec<String>) -> So
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
     let queue = TestQueue::new();
-    let (mut worker, lines) = spawn_with_json_logs(&db, &queue);
+    let (mut worker, lines) = spawn_with_json_logs(&db, &queue, &[]);
     let mut logs = Vec::new();
     let metrics_addr = metrics_address(&lines, &mut logs);
     let [id] = create_and_enqueue(&db, &queue.push_queue(), 1).await[..] else {
@@ -174,10 +174,15 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
     }
 }
 
-/// The `worker` binary on the test's database and queue, logging JSON at info level, with its output lines
+/// The `worker` binary on the test's database and queue, logging JSON at info level, with `settings` on top of
+/// the defaults (environment variables), and with its output lines
 /// forwarded to the returned receiver from a thread of its own (so the test can watch for a line while the
 /// worker runs). Killed when dropped, so that a failed test leaves no worker behind.
-fn spawn_with_json_logs(db: &PgPool, queue: &TestQueue) -> (KillOnDrop, mpsc::Receiver<String>) {
+fn spawn_with_json_logs(
+    db: &PgPool,
+    queue: &TestQueue,
+    settings: &[(&str, &str)],
+) -> (KillOnDrop, mpsc::Receiver<String>) {
     let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
         .env("DATABASE_URL", database_url(db))
         .env("REDIS_URL", &queue.config.redis_url)
@@ -186,6 +191,7 @@ fn spawn_with_json_logs(db: &PgPool, queue: &TestQueue) -> (KillOnDrop, mpsc::Re
         .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
+        .envs(settings.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -260,7 +266,7 @@ async fn worker_logs_with(
         redis.start().await;
     }
     let queue = TestQueue::at(&redis.url());
-    let (mut worker, lines) = spawn_with_json_logs(db, &queue);
+    let (mut worker, lines) = spawn_with_json_logs(db, &queue, &[]);
     let mut logs = Vec::new();
     let metrics_addr = metrics_address(&lines, &mut logs);
     if start_redis_late {
@@ -334,4 +340,106 @@ async fn a_noeviction_redis_that_comes_up_after_the_worker_is_exported_without_a
     let logs = worker_logs_with(&db, &mut redis, "noeviction", true).await;
     assert!(!logs.contains(EVICTION_WARNING), "{logs}");
     assert!(!logs.contains(VERSION_WARNING), "{logs}");
+}
+
+/// The value of each `queue_unreadable_entries_total` series on the worker's `/metrics`, by problem.
+async fn unreadable_entries(metrics_addr: SocketAddr) -> Vec<(String, u64)> {
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(r#"queue_unreadable_entries_total{problem=""#))
+        .filter_map(|rest| rest.split_once(r#""} "#))
+        .map(|(problem, value)| (problem.to_owned(), value.parse().unwrap()))
+        .collect()
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn each_unreadable_entry_is_logged_once_counted_and_its_order_completed(db: PgPool) {
+    let queue = TestQueue::new();
+    let orders = create_and_enqueue(&db, &queue.push_queue(), 40).await.len() as i64;
+    let damaged = crate::partial_loss::damage(&queue).await as u64;
+    let (mut worker, lines) = spawn_with_json_logs(
+        &db,
+        &queue,
+        &[
+            ("RECONCILE_INTERVAL_MS", "200"),
+            ("RECONCILE_REDELIVER_AFTER_MS", "1000"),
+        ],
+    );
+    let mut logs = Vec::new();
+    let metrics_addr = metrics_address(&lines, &mut logs);
+    wait_until(Duration::from_secs(60), "every order COMPLETED", || async {
+        count_with_status(&db, "COMPLETED").await == orders
+    })
+    .await;
+    // Each damaged entry is found once, by the janitor's sweep or after the consumer failed on it; a duplicate
+    // fetched in one batch collapses into one entry of the in-flight set and may go unnoticed.
+    let total = || async {
+        unreadable_entries(metrics_addr)
+            .await
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    wait_until(Duration::from_secs(20), "the damage to be counted", || async {
+        total().await >= damaged - 1
+    })
+    .await;
+    // A few more sweeps: nothing is found twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counted = unreadable_entries(metrics_addr).await;
+    worker.terminate();
+    logs.extend(lines.iter());
+    let found: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("queue: unreadable entry"))
+        .collect();
+    let sum: u64 = counted.iter().map(|(_, n)| n).sum();
+    assert!(
+        sum == damaged || sum == damaged - 1,
+        "{sum} counted of {damaged}: {counted:?}"
+    );
+    assert_eq!(found.len() as u64, sum, "one line per entry:\n{found:#?}");
+    let mut entries: Vec<&str> = found
+        .iter()
+        .map(|line| {
+            line.split_once(r#""entry":""#)
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(entry, _)| entry)
+                .expect("the line names its entry")
+        })
+        .collect();
+    entries.sort_unstable();
+    entries.dedup();
+    assert_eq!(entries.len() as u64, sum, "an entry logged twice:\n{found:#?}");
+    for (problem, expected) in [
+        ("no_meta", 4),
+        ("bad_meta", 1),
+        ("no_data", 3),
+        ("bad_data", 2),
+        ("bad_id", 1),
+        ("orphan_data", 1),
+        ("stray_meta", 1),
+    ] {
+        assert!(
+            counted.contains(&(problem.to_owned(), expected)),
+            "{problem}: {counted:?}"
+        );
+    }
+    // The repaired and the lost jobs both say which order they were for.
+    for line in &found {
+        if line.contains(r#""problem":"no_meta""#) || line.contains(r#""problem":"orphan_data""#) {
+            assert!(!line.contains(r#""order_id":"unknown""#), "{line}");
+        }
+    }
+    assert!(
+        !logs.iter().any(|line| line.contains("is Redis up?")),
+        "Redis answered throughout"
+    );
+    assert_eq!(crate::partial_loss::not_recorded_once(&db).await, []);
 }
