@@ -14,7 +14,11 @@
 //! this is deliberately less than a channel, a broadcast receiver and a cancellation future each.
 //!
 //! The per-user bound is counted over every process in Redis ([`shared`]) as well as in each process.
+//!
+//! A stream lasts no longer than the authority it was opened with ([`authority`]): it ends when its token
+//! expires, and within a few seconds of its session ending (a logout, or a reuse that revoked it).
 
+pub mod authority;
 pub mod shared;
 
 use std::{
@@ -34,6 +38,7 @@ use sqlx::{
 };
 use tokio_util::sync::CancellationToken;
 
+use self::authority::Authority;
 use self::shared::{Shared, SharedSlot, SharedSlots};
 use crate::error::ApiError;
 
@@ -74,6 +79,8 @@ struct Watchers {
 struct Watcher {
     id: u64,
     inbox: Arc<Inbox>,
+    /// What the stream was opened with: it ends with it.
+    authority: Authority,
 }
 
 #[derive(Debug, Default)]
@@ -228,8 +235,8 @@ impl Hub {
         self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes of `topic` from now on.
-    pub fn subscribe(self: &Arc<Self>, topic: Topic) -> Subscription {
+    /// Changes of `topic` from now on, for as long as `authority` holds.
+    pub fn subscribe(self: &Arc<Self>, topic: Topic, authority: Authority) -> Subscription {
         let mut watchers = self.watchers();
         let inbox = Arc::new(Inbox::default());
         // Stopping already: the stream ends at once rather than hold the shutdown up.
@@ -239,6 +246,7 @@ impl Hub {
         watchers.by_topic.entry(topic).or_default().push(Watcher {
             id,
             inbox: inbox.clone(),
+            authority,
         });
         Subscription {
             hub: self.clone(),
@@ -268,6 +276,32 @@ impl Hub {
         for watcher in self.watchers().by_topic.values().flatten() {
             watcher.inbox.update(|state| state.catch_up = true);
         }
+    }
+
+    /// Ends the streams whose authority `ended` says has ended; returns how many.
+    pub fn end_where(&self, mut ended: impl FnMut(&Authority) -> bool) -> usize {
+        let mut count = 0;
+        for watcher in self.watchers().by_topic.values().flatten() {
+            if ended(&watcher.authority) {
+                watcher.inbox.update(|state| state.closed = true);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// The sessions the open streams were opened in, each once.
+    pub fn sessions(&self) -> Vec<uuid::Uuid> {
+        let mut sessions: Vec<uuid::Uuid> = self
+            .watchers()
+            .by_topic
+            .values()
+            .flatten()
+            .filter_map(|watcher| watcher.authority.session)
+            .collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        sessions
     }
 
     /// Ends every stream, and each one opened from now on.
@@ -471,9 +505,9 @@ pub(crate) mod tests {
     async fn a_change_goes_to_the_streams_of_its_order_and_of_its_owner_and_wakes_them() {
         let hub = hub().await;
         let (order, user) = (OrderId::new(), UserId::new());
-        let of_order = hub.subscribe(Topic::Order(order));
-        let of_user = hub.subscribe(Topic::User(user));
-        let of_another = hub.subscribe(Topic::User(UserId::new()));
+        let of_order = hub.subscribe(Topic::Order(order), Authority::LASTING);
+        let of_user = hub.subscribe(Topic::User(user), Authority::LASTING);
+        let of_another = hub.subscribe(Topic::User(UserId::new()), Authority::LASTING);
         let wakes = Arc::new(Wakes::default());
         for feed in [&of_order, &of_user, &of_another] {
             assert!(poll(feed, &wakes).is_pending());
@@ -500,7 +534,7 @@ pub(crate) mod tests {
     async fn a_stream_that_falls_behind_is_told_to_catch_up_before_its_held_changes() {
         let hub = hub().await;
         let (order, user) = (OrderId::new(), UserId::new());
-        let feed = hub.subscribe(Topic::User(user));
+        let feed = hub.subscribe(Topic::User(user), Authority::LASTING);
         let changes: Vec<_> = (1..=WATCHER_CAPACITY as i64 + 5)
             .map(|id| change(id, order, user, OrderStatus::Processing))
             .collect();
@@ -519,8 +553,8 @@ pub(crate) mod tests {
     async fn a_reconnected_listener_tells_every_stream_to_catch_up_once() {
         let hub = hub().await;
         let feeds = [
-            hub.subscribe(Topic::Order(OrderId::new())),
-            hub.subscribe(Topic::User(UserId::new())),
+            hub.subscribe(Topic::Order(OrderId::new()), Authority::LASTING),
+            hub.subscribe(Topic::User(UserId::new()), Authority::LASTING),
         ];
         let wakes = Arc::new(Wakes::default());
         for feed in &feeds {
@@ -538,7 +572,7 @@ pub(crate) mod tests {
     async fn shutdown_stops_every_stream_and_each_one_opened_after_it() {
         let hub = hub().await;
         let (order, user) = (OrderId::new(), UserId::new());
-        let open = hub.subscribe(Topic::Order(order));
+        let open = hub.subscribe(Topic::Order(order), Authority::LASTING);
         let wakes = Arc::new(Wakes::default());
         assert!(poll(&open, &wakes).is_pending());
 
@@ -557,7 +591,7 @@ pub(crate) mod tests {
         // Stopping wins over a change still held.
         hub.dispatch(vec![change(1, order, user, OrderStatus::Processing)]);
         assert!(matches!(poll(&open, &wakes), Poll::Ready(Signal::Stop)));
-        let late = hub.subscribe(Topic::Order(order));
+        let late = hub.subscribe(Topic::Order(order), Authority::LASTING);
         assert!(matches!(poll(&late, &wakes), Poll::Ready(Signal::Stop)));
     }
 
@@ -565,7 +599,10 @@ pub(crate) mod tests {
     async fn a_dropped_subscription_leaves_the_hub() {
         let hub = hub().await;
         let topic = Topic::User(UserId::new());
-        let (first, second) = (hub.subscribe(topic), hub.subscribe(topic));
+        let (first, second) = (
+            hub.subscribe(topic, Authority::LASTING),
+            hub.subscribe(topic, Authority::LASTING),
+        );
         assert_eq!(hub.watchers().by_topic[&topic].len(), 2);
         drop(first);
         assert_eq!(hub.watchers().by_topic[&topic].len(), 1);

@@ -97,6 +97,7 @@ impl App {
                 .context("DATABASE_LISTEN_URL is not a valid PostgreSQL URL")?,
             None => (*db.connect_options()).clone(),
         });
+        events.spawn_authority_checks(db.clone());
         let state = AppState::new(Shared {
             events: events.clone(),
             db: db.clone(),

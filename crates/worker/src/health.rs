@@ -60,7 +60,10 @@ impl ConsumerHealth {
         let mut state = self.state();
         state.redis_unreachable = !redis_answers;
         if redis_answers {
-            if state.last_failure.is_some_and(|at| at.elapsed() >= HEALTHY_AFTER) {
+            if state
+                .last_failure
+                .is_some_and(|at| at.elapsed() >= HEALTHY_AFTER)
+            {
                 state.failures = 0;
             }
             state.failures += 1;
@@ -80,7 +83,10 @@ impl ConsumerHealth {
     /// The report `GET /health` answers with.
     pub fn report(&self) -> HealthReport {
         let mut state = self.state();
-        if state.last_failure.is_some_and(|at| at.elapsed() >= HEALTHY_AFTER) {
+        if state
+            .last_failure
+            .is_some_and(|at| at.elapsed() >= HEALTHY_AFTER)
+        {
             state.failures = 0;
             state.last_error = None;
             Self::publish(&state);
@@ -100,7 +106,11 @@ impl ConsumerHealth {
     }
 
     fn publish(state: &State) {
-        let failing = if state.failures >= FAILING_AFTER { 1.0 } else { 0.0 };
+        let failing = if state.failures >= FAILING_AFTER {
+            1.0
+        } else {
+            0.0
+        };
         metrics::gauge!("worker_consumer_failing").set(failing);
     }
 }
@@ -123,7 +133,10 @@ mod tests {
         let report = health.report();
         assert!(!report.healthy());
         assert_eq!(report.consecutive_failures, FAILING_AFTER);
-        assert_eq!(report.last_error.as_deref(), Some("Missing attempts in metadata"));
+        assert_eq!(
+            report.last_error.as_deref(),
+            Some("Missing attempts in metadata")
+        );
         health.ran_well();
         assert_eq!(health.report().status, "ok");
     }

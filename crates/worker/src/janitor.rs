@@ -217,9 +217,17 @@ impl Janitor {
     /// before [`Self::retire`], which gives the rest of the batch back. Returns how many entries it dealt with.
     pub async fn heal_after_failure(&mut self, worker: &str) -> redis::RedisResult<usize> {
         let mut findings = self.check_key_types().await?;
-        findings.extend(self.examine(self.keys.inflight_of(worker), "set", 0).await?.1);
+        findings.extend(
+            self.examine(self.keys.inflight_of(worker), "set", 0)
+                .await?
+                .1,
+        );
         findings.extend(self.examine(self.keys.active.clone(), "list", 0).await?.1);
-        findings.extend(self.examine(self.keys.scheduled.clone(), "zset", 0).await?.1);
+        findings.extend(
+            self.examine(self.keys.scheduled.clone(), "zset", 0)
+                .await?
+                .1,
+        );
         findings.iter().for_each(Finding::report);
         Ok(findings.len())
     }
@@ -256,7 +264,12 @@ impl Janitor {
                 .invoke_async(&mut self.conn)
                 .await?;
                 if deleted > 0 {
-                    findings.push(Finding::new(key.to_owned(), "wrong_type", String::new(), "deleted"));
+                    findings.push(Finding::new(
+                        key.to_owned(),
+                        "wrong_type",
+                        String::new(),
+                        "deleted",
+                    ));
                 }
             }
         }

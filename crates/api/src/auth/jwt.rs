@@ -23,6 +23,9 @@ pub enum TokenKind {
     Access,
     /// Exchanged at `/auth/refresh` for a new pair.
     Refresh,
+    /// Read from the `order_events` cookie by the event routes alone, so that a browser's `EventSource`, which
+    /// cannot send a header, can subscribe. It lives exactly as long as the access token it was made from.
+    Events,
 }
 
 /// The claims of both kinds of token.
@@ -40,6 +43,10 @@ pub struct Claims {
     pub typ: TokenKind,
     /// Always [`ISSUER`].
     pub iss: String,
+    /// The session (refresh token family) the token was issued in; absent from tokens issued before sessions were
+    /// named in them. A stream ends when its session does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
 }
 
 /// A freshly signed token.
@@ -51,6 +58,16 @@ pub struct IssuedToken {
     pub jti: Uuid,
     /// When it expires.
     pub expires_at: DateTime<Utc>,
+}
+
+impl Grant {
+    fn of(claims: &Claims) -> Self {
+        Self {
+            user: UserId(claims.sub),
+            session: claims.sid,
+            expires_at: claims.exp,
+        }
+    }
 }
 
 /// Why a token was refused. Deliberately uninformative towards the client.
@@ -67,17 +84,21 @@ pub struct JwtKeys {
     access_ttl: Duration,
     refresh_ttl: Duration,
     /// Access tokens already verified, by the SHA-256 of the token (see [`JwtKeys::verify_access`]).
-    verified: Cache<[u8; 32], VerifiedAccess>,
+    verified: Cache<[u8; 32], Grant>,
 }
 
 /// Access tokens remembered as verified: about 100 bytes each, so at most about 1 MB.
 const VERIFIED_ACCESS_TOKENS: usize = 10_000;
 
-/// What an access token proved, kept while it is valid.
-#[derive(Debug, Clone, Copy)]
-struct VerifiedAccess {
-    sub: Uuid,
-    exp: i64,
+/// What a valid access (or event-stream) token proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Who.
+    pub user: UserId,
+    /// In which session, if the token names it.
+    pub session: Option<Uuid>,
+    /// Until when (seconds since the epoch): the token's `exp`.
+    pub expires_at: i64,
 }
 
 impl JwtKeys {
@@ -116,20 +137,22 @@ impl JwtKeys {
 
     /// Signs a token of `kind` for `user`, with `jti` as its id.
     pub fn issue(&self, user: UserId, kind: TokenKind, jti: Uuid) -> anyhow::Result<IssuedToken> {
-        self.issue_until(user, kind, jti, None)
+        self.issue_until(user, kind, jti, None, None)
     }
 
-    /// Like [`issue`](Self::issue), expiring no later than `not_after` (a session's end). The expiry is
-    /// rounded down to a whole second, as the `exp` claim holds it, so the stored expiry and the claim agree.
+    /// Like [`issue`](Self::issue), in `session`, expiring no later than `not_after` (a session's end, or the
+    /// access token an event-stream token is made from). The expiry is rounded down to a whole second, as the
+    /// `exp` claim holds it, so the stored expiry and the claim agree.
     pub fn issue_until(
         &self,
         user: UserId,
         kind: TokenKind,
         jti: Uuid,
+        session: Option<Uuid>,
         not_after: Option<DateTime<Utc>>,
     ) -> anyhow::Result<IssuedToken> {
         let ttl = match kind {
-            TokenKind::Access => self.access_ttl,
+            TokenKind::Access | TokenKind::Events => self.access_ttl,
             TokenKind::Refresh => self.refresh_ttl,
         };
         let now = Utc::now();
@@ -142,6 +165,7 @@ impl JwtKeys {
             jti,
             typ: kind,
             iss: ISSUER.to_owned(),
+            sid: session,
         };
         let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.encoding)?;
         Ok(IssuedToken {
@@ -156,25 +180,27 @@ impl JwtKeys {
     /// the list path; so a token that passed [`verify`](Self::verify) is remembered, keyed by its SHA-256 (an exact
     /// match of the whole token, signature included, and no token kept in memory), and its expiry is checked on
     /// every use as `verify` checks it. Refused tokens are not remembered: each costs a full check, as before.
-    pub fn verify_access(&self, token: &str) -> Result<UserId, InvalidToken> {
+    pub fn verify_access(&self, token: &str) -> Result<Grant, InvalidToken> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(verified) = self.verified.get(&key) {
             // `verify` refuses a token once `exp` is in the past (no leeway).
-            if verified.exp < Utc::now().timestamp() {
+            if verified.expires_at < Utc::now().timestamp() {
                 self.verified.remove(&key);
                 return Err(InvalidToken);
             }
-            return Ok(UserId(verified.sub));
+            return Ok(verified);
         }
         let claims = self.verify(token, TokenKind::Access)?;
-        self.verified.insert(
-            key,
-            VerifiedAccess {
-                sub: claims.sub,
-                exp: claims.exp,
-            },
-        );
-        Ok(UserId(claims.sub))
+        let grant = Grant::of(&claims);
+        self.verified.insert(key, grant);
+        Ok(grant)
+    }
+
+    /// What a valid event-stream token (from the `order_events` cookie) proves. Not remembered: a stream is
+    /// opened once and then lasts.
+    pub fn verify_events(&self, token: &str) -> Result<Grant, InvalidToken> {
+        self.verify(token, TokenKind::Events)
+            .map(|claims| Grant::of(&claims))
     }
 
     /// Checks signature, algorithm, issuer, expiry and kind.
@@ -244,9 +270,9 @@ mod tests {
         let keys = keys(Algorithm::HS256);
         let user = UserId::new();
         let access = keys.issue(user, TokenKind::Access, Uuid::new_v4()).unwrap();
-        assert_eq!(keys.verify_access(&access.token).unwrap(), user);
+        assert_eq!(keys.verify_access(&access.token).unwrap().user, user);
         assert_eq!(keys.verified.len(), 1);
-        assert_eq!(keys.verify_access(&access.token).unwrap(), user);
+        assert_eq!(keys.verify_access(&access.token).unwrap().user, user);
 
         // The remembered token with an expiry now past (as it would be an access TTL later) is refused, and
         // forgotten.

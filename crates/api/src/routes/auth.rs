@@ -220,8 +220,21 @@ async fn issue_tokens(
     session_expires_at: DateTime<Utc>,
 ) -> ApiResult<IssuedPair> {
     let session_end = Some(session_expires_at);
-    let access = jwt.issue_until(user_id, TokenKind::Access, Uuid::new_v4(), session_end)?;
-    let refresh = jwt.issue_until(user_id, TokenKind::Refresh, Uuid::now_v7(), session_end)?;
+    let session = Some(family_id);
+    let access = jwt.issue_until(
+        user_id,
+        TokenKind::Access,
+        Uuid::new_v4(),
+        session,
+        session_end,
+    )?;
+    let refresh = jwt.issue_until(
+        user_id,
+        TokenKind::Refresh,
+        Uuid::now_v7(),
+        session,
+        session_end,
+    )?;
     let hash = token_hash(&refresh.token);
     sessions::insert_refresh_token(
         conn,
@@ -379,11 +392,12 @@ async fn refresh(
     }
 }
 
-/// Ends the session a refresh token belongs to: its refresh tokens stop working.
+/// Ends the session a refresh token belongs to: its refresh tokens stop working, and its event streams end
+/// within 2 s on every api process.
 ///
 /// Access tokens already issued stay valid until they expire (ACCESS_TOKEN_EXPIRE_MINUTES, 15 by default).
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
-    (status = 204, description = "Session revoked; the cookie is cleared"),
+    (status = 204, description = "Session revoked; the refresh token and event-stream cookies are cleared"),
     (status = 401, body = ErrorBody, description = "Missing or invalid access token, or a refresh token that is not this user's"),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
     (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
@@ -405,9 +419,9 @@ async fn logout(
     }
     tracing::info!(user_id = %user.user_id, "user logged out");
     let mut response = StatusCode::NO_CONTENT.into_response();
-    response
-        .headers_mut()
-        .insert(header::SET_COOKIE, clear_refresh_cookie());
+    let headers = response.headers_mut();
+    headers.insert(header::SET_COOKIE, clear_refresh_cookie());
+    headers.append(header::SET_COOKIE, crate::auth::clear_events_cookie());
     Ok(response)
 }
 

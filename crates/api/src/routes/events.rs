@@ -30,9 +30,9 @@ use tokio::time::Instant;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    auth::AuthUser,
+    auth::{AuthUser, StreamUser, events_cookie},
     error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
-    events::{Signal, Slot, Subscription, Topic},
+    events::{Signal, Slot, Subscription, Topic, authority::Authority},
     extract::OrderPath,
     loc,
     routes::orders::order_json,
@@ -42,11 +42,54 @@ use crate::{
 /// How often a quiet stream sends a comment line, so that proxies and clients see it alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// The two streams.
+/// The two streams, and the cookie that lets a browser's `EventSource` open them.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(order_events))
         .routes(routes!(my_order_events))
+        .routes(routes!(events_cookie_for_browsers))
+}
+
+/// The authority a stream is opened with: it ends with it.
+fn authority(user: &AuthUser) -> Authority {
+    Authority {
+        session: user.session,
+        expires_at: user.expires_at,
+    }
+}
+
+/// Lets a web page subscribe with a browser's native `EventSource`, which cannot send an `Authorization` header.
+///
+/// Sets the `order_events` cookie: an event-stream token of the caller's session that expires with the access
+/// token presented here. It is HttpOnly, SameSite=Strict and Secure, sent only to `/orders` paths, and only the two
+/// event routes accept it: it lets a page read its user's order events and do nothing else. Call it again with
+/// each new access token; a stream opened with it ends when it expires (the `EventSource` then gets `401` and
+/// stops) or when the session ends.
+#[utoipa::path(post, path = "/orders/events/cookie", tag = "orders", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The cookie is set", headers(("Set-Cookie" = String, description = "order_events=...; HttpOnly; Secure; SameSite=Strict; Path=/orders; Max-Age=<the access token's remaining life>"))),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+    ))]
+async fn events_cookie_for_browsers(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<Response> {
+    let expires_at = chrono::DateTime::from_timestamp(user.expires_at, 0)
+        .ok_or(ApiError::Unauthorized("Invalid or expired token"))?;
+    let token = state.jwt.issue_until(
+        user.user_id,
+        crate::auth::jwt::TokenKind::Events,
+        uuid::Uuid::new_v4(),
+        user.session,
+        Some(expires_at),
+    )?;
+    let max_age = (token.expires_at - chrono::Utc::now()).num_seconds().max(0);
+    let mut response = axum::http::StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        axum::http::header::SET_COOKIE,
+        events_cookie(&token.token, u64::try_from(max_age).unwrap_or(0)),
+    );
+    Ok(response)
 }
 
 /// Watches one of my orders: its status now, then each change as it happens, until it is COMPLETED or CANCELLED.
@@ -54,7 +97,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// `text/event-stream`. Every event is `event: status`, with `id:` the change's id and `data:` the order as JSON
 /// (the same object as `GET /orders/{id}`, as of that change). The first event is the order as it is now (id 0
 /// while it has not changed yet). A comment line (`:heartbeat`) comes every 15 s. A client that reconnects with
-/// `Last-Event-ID` gets every change after that id, and no event twice.
+/// `Last-Event-ID` gets every change after that id, and no event twice; once it has them all and the order is
+/// finished, the answer is `204`, which tells an `EventSource` to stop reconnecting.
+///
+/// Authenticated by the access token, or by the `order_events` cookie (see `POST /orders/events/cookie`). The
+/// stream ends when that token expires, and within 2 s of its session ending (logout, or a revoked session):
+/// reconnect with a fresh token and `Last-Event-ID` to resume.
 #[utoipa::path(get, path = "/orders/{id}/events", tag = "orders", security(("bearer" = [])),
     params(
         ("id" = uuid::Uuid, Path, description = "The order's id"),
@@ -62,6 +110,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     ),
     responses(
         (status = 200, content_type = "text/event-stream", body = String, description = "Events `status`, each with `id` and the order as JSON `data`; the stream ends after COMPLETED or CANCELLED", example = json!("event: status\nid: 0\ndata: {\"id\":\"01a2…\",\"status\":\"PENDING\",…}\n\n")),
+        (status = 204, description = "Nothing more to send: the order is finished and `Last-Event-ID` was its last change"),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 404, body = ErrorBody, description = "No such order of yours"),
         (status = 422, body = ValidationErrorBody, description = "Malformed id or Last-Event-ID"),
@@ -70,23 +119,26 @@ pub fn router() -> OpenApiRouter<AppState> {
     ))]
 async fn order_events(
     State(state): State<AppState>,
-    user: AuthUser,
+    StreamUser(user): StreamUser,
     OrderPath(id): OrderPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
     let slot = state.events.open(user.user_id).await?;
     // Subscribed before anything is read, so that no change falls between the read and the first one sent.
-    let feed = state.events.subscribe(Topic::Order(id));
+    let feed = state.events.subscribe(Topic::Order(id), authority(&user));
     let Some(order) = db::find_order(&state.db, user.user_id, id).await? else {
         return Err(ApiError::NotFound("Order not found"));
     };
     let stream = match after {
         Some(after) => {
             let missed = events::changes_of_order(&state.db, id, after).await?;
-            // Nothing missed, and nothing more to come: the stream ends at once.
-            let done = missed.is_empty() && order.status.is_final();
-            let mut stream = EventStream::new(feed, &state.db, slot, Scope::order(id, after, done));
+            // Nothing missed, and nothing more to come: 204, the one answer that stops an EventSource's reconnects.
+            if missed.is_empty() && order.status.is_final() {
+                return Ok(axum::http::StatusCode::NO_CONTENT.into_response());
+            }
+            let mut stream =
+                EventStream::new(feed, &state.db, slot, Scope::order(id, after, false));
             stream.caught_up(&missed);
             stream
         }
@@ -106,6 +158,8 @@ async fn order_events(
 /// `text/event-stream`, with the same events as `GET /orders/{id}/events` (`event: status`, the change's `id`,
 /// the order as JSON `data`), from the moment of connecting, or after `Last-Event-ID` when reconnecting. Creating
 /// an order is not a change: its first event is PROCESSING (or CANCELLED). A comment line comes every 15 s.
+///
+/// Authenticated, and ended, as `GET /orders/{id}/events` is.
 #[utoipa::path(get, path = "/orders/events", tag = "orders", security(("bearer" = [])),
     params(
         ("Last-Event-ID" = Option<i64>, Header, description = "The id of the last event received: the stream resumes after it"),
@@ -119,12 +173,14 @@ async fn order_events(
     ))]
 async fn my_order_events(
     State(state): State<AppState>,
-    user: AuthUser,
+    StreamUser(user): StreamUser,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
     let slot = state.events.open(user.user_id).await?;
-    let feed = state.events.subscribe(Topic::User(user.user_id));
+    let feed = state
+        .events
+        .subscribe(Topic::User(user.user_id), authority(&user));
     if orders_core::db::users::find_user(&state.db, user.user_id)
         .await?
         .is_none()

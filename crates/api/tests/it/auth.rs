@@ -390,7 +390,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Signs `claims` the way the test app signs its tokens (HS256, its secret), so that a token made here differs
 /// from one the app issued only in what the test chose.
-fn sign(claims: &Value) -> String {
+pub fn sign(claims: &Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         claims,
@@ -401,7 +401,7 @@ fn sign(claims: &Value) -> String {
 
 /// The claims the app puts in a `typ` token for `user`, expiring at `exp` (seconds since the epoch) and issued a
 /// minute before that or before now, whichever is first.
-fn claims(user: Uuid, typ: &str, exp: i64) -> Value {
+pub fn claims(user: Uuid, typ: &str, exp: i64) -> Value {
     json!({
         "sub": user,
         "iat": exp.min(Utc::now().timestamp()) - 60,

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use crate::helpers::{TestApp, json};
 
-fn with_worker(stage_delay_ms: u64) -> impl Fn(&mut api::Config) + Clone {
+pub fn with_worker(stage_delay_ms: u64) -> impl Fn(&mut api::Config) + Clone {
     move |config| {
         config.with_worker = true;
         config.worker.order_stage_delay_ms = stage_delay_ms;
@@ -21,27 +21,27 @@ fn with_worker(stage_delay_ms: u64) -> impl Fn(&mut api::Config) + Clone {
 
 /// One server-sent event.
 #[derive(Debug, Clone)]
-struct SseEvent {
-    event: String,
-    id: String,
-    data: Value,
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
 }
 
 impl SseEvent {
-    fn status(&self) -> &str {
+    pub fn status(&self) -> &str {
         self.data["status"].as_str().unwrap_or_default()
     }
 }
 
 /// An open `text/event-stream` response, read event by event.
-struct Stream {
-    response: reqwest::Response,
+pub struct Stream {
+    pub response: reqwest::Response,
     buffer: Vec<u8>,
     comments: usize,
 }
 
 impl Stream {
-    async fn open(
+    pub async fn open(
         app: &TestApp,
         token: &str,
         path: &str,
@@ -55,7 +55,12 @@ impl Stream {
         request.send().await.unwrap()
     }
 
-    async fn start(app: &TestApp, token: &str, path: &str, last_event_id: Option<&str>) -> Self {
+    pub async fn start(
+        app: &TestApp,
+        token: &str,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
         let response = Self::open(app, token, path, last_event_id).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(
@@ -71,7 +76,7 @@ impl Stream {
     }
 
     /// The next event; `None` when the server ended the stream. Panics after `wait` without one.
-    async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
+    pub async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
@@ -110,7 +115,7 @@ impl Stream {
     }
 
     /// Every event until the server ends the stream.
-    async fn rest(&mut self) -> Vec<SseEvent> {
+    pub async fn rest(&mut self) -> Vec<SseEvent> {
         let mut events = Vec::new();
         while let Some(event) = self.next(Duration::from_secs(20)).await {
             events.push(event);
@@ -119,7 +124,7 @@ impl Stream {
     }
 }
 
-fn statuses(events: &[SseEvent]) -> Vec<&str> {
+pub fn statuses(events: &[SseEvent]) -> Vec<&str> {
     events.iter().map(SseEvent::status).collect()
 }
 

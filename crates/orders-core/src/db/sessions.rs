@@ -118,6 +118,28 @@ pub async fn revoke_family(executor: impl PgExecutor<'_>, family_id: Uuid) -> sq
     Ok(())
 }
 
+/// Of `sessions`, those that have ended: no token of theirs can be redeemed any more (logged out, revoked on a
+/// reuse, or expired; a purged session has no token left at all). Sorted.
+pub async fn ended_sessions(
+    executor: impl PgExecutor<'_>,
+    sessions: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
+    let mut ended = sqlx::query_scalar!(
+        r#"
+        select s as "session!" from unnest($1::uuid[]) as s
+        where not exists (
+            select 1 from refresh_tokens t
+            where t.family_id = s and t.revoked_at is null and t.used_at is null and t.expires_at > now()
+        )
+        "#,
+        sessions,
+    )
+    .fetch_all(executor)
+    .await?;
+    ended.sort_unstable();
+    Ok(ended)
+}
+
 /// Revokes the session a token of `user_id` belongs to (logout). Returns false if no such token exists.
 pub async fn revoke_session_of(
     executor: impl PgExecutor<'_>,

@@ -148,11 +148,13 @@ async fn a_reclaim_after_a_failed_completion_records_processing_once(db: PgPool)
 
 /// The statuses `order_status_history` recorded for `id`, in order.
 async fn history(db: &PgPool, id: orders_core::domain::OrderId) -> Vec<String> {
-    sqlx::query_scalar("select status::text from order_status_history where order_id = $1 order by id")
-        .bind(id.0)
-        .fetch_all(db)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "select status::text from order_status_history where order_id = $1 order by id",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await
+    .unwrap()
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]

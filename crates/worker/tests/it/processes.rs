@@ -13,8 +13,8 @@ use sqlx::PgPool;
 
 use crate::{
     helpers::{
-        TestQueue, count_with_status, create_and_enqueue, database_url, fast_settings, spawn_binary, spawn_worker,
-        status_of, wait_until,
+        TestQueue, count_with_status, create_and_enqueue, database_url, fast_settings,
+        spawn_binary, spawn_worker, status_of, wait_until,
     },
     own_redis::OwnRedis,
 };
@@ -386,9 +386,11 @@ async fn each_unreadable_entry_is_logged_once_counted_and_its_order_completed(db
             .map(|(_, n)| n)
             .sum::<u64>()
     };
-    wait_until(Duration::from_secs(20), "the damage to be counted", || async {
-        total().await >= damaged - 1
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the damage to be counted",
+        || async { total().await >= damaged - 1 },
+    )
     .await;
     // A few more sweeps: nothing is found twice.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -416,7 +418,11 @@ async fn each_unreadable_entry_is_logged_once_counted_and_its_order_completed(db
         .collect();
     entries.sort_unstable();
     entries.dedup();
-    assert_eq!(entries.len() as u64, sum, "an entry logged twice:\n{found:#?}");
+    assert_eq!(
+        entries.len() as u64,
+        sum,
+        "an entry logged twice:\n{found:#?}"
+    );
     for (problem, expected) in [
         ("no_meta", 4),
         ("bad_meta", 1),
