@@ -127,7 +127,10 @@ async fn order_events(
     let slot = state.events.open(user.user_id).await?;
     // Subscribed before anything is read, so that no change falls between the read and the first one sent.
     let feed = state.events.subscribe(Topic::Order(id), authority(&user));
-    let Some(order) = db::find_order(&state.db, user.user_id, id).await? else {
+    // The order and its last change in one snapshot: read apart, a change committing in between was sent with the
+    // old status under its own id, and its announcement then dropped as already sent.
+    let Some((order, last)) = db::find_order_and_last_change(&state.db, user.user_id, id).await?
+    else {
         return Err(ApiError::NotFound("Order not found"));
     };
     let stream = match after {
@@ -143,7 +146,6 @@ async fn order_events(
             stream
         }
         None => {
-            let last = events::last_change_of_order(&state.db, id).await?;
             let scope = Scope::order(id, last, order.status.is_final());
             let mut stream = EventStream::new(feed, &state.db, slot, scope);
             stream.queue.push_back(status_event(last, &order));

@@ -63,10 +63,14 @@ impl Stream {
     ) -> Self {
         let response = Self::open(app, token, path, last_event_id).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
+        Self::from_response(response)
+    }
+
+    /// Reads the `text/event-stream` of `response`.
+    pub fn from_response(response: reqwest::Response) -> Self {
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
-            "text/event-stream",
-            "{path}"
+            "text/event-stream"
         );
         Self {
             response,

@@ -157,19 +157,6 @@ pub async fn changes_of_user(
     Ok(rows.into_iter().map(StatusChange::from).collect())
 }
 
-/// The id of the last change of one order (0 if it has none yet: a new order is `PENDING` without a row).
-pub async fn last_change_of_order(
-    executor: impl PgExecutor<'_>,
-    order_id: OrderId,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(
-        r#"select coalesce(max(id), 0) as "id!" from order_status_history where order_id = $1"#,
-        order_id as OrderId,
-    )
-    .fetch_one(executor)
-    .await
-}
-
 /// The id of the last change of any order (0 if none): where a stream of a user's changes starts.
 pub async fn last_change(executor: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar!(r#"select coalesce(max(id), 0) as "id!" from order_status_history"#)

@@ -151,6 +151,41 @@ pub async fn find_order(
     .await
 }
 
+/// One order of `user_id`, and the id of its last change (0 if none), read together in one statement, so in
+/// one snapshot: a change is either in both (the status it set, and its id) or in neither (it commits later and is
+/// announced then). Where a stream of one order starts.
+pub async fn find_order_and_last_change(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    id: OrderId,
+) -> sqlx::Result<Option<(Order, i64)>> {
+    let row = sqlx::query!(
+        r#"
+        select o.id as "id: OrderId", o.user_id as "user_id: UserId", o.product_name, o.amount,
+               o.status as "status: OrderStatus", o.created_at, o.updated_at,
+               (select coalesce(max(h.id), 0) from order_status_history h where h.order_id = o.id)
+                   as "last_change!"
+        from orders o where o.id = $1 and o.user_id = $2
+        "#,
+        id as OrderId,
+        user_id as UserId,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|row| {
+        let order = Order {
+            id: row.id,
+            user_id: row.user_id,
+            product_name: row.product_name,
+            amount: row.amount,
+            status: row.status,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        };
+        (order, row.last_change)
+    }))
+}
+
 /// A position in "my orders, newest first": the listing continues with orders strictly older than this one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrderCursor {

@@ -1,0 +1,83 @@
+//! Races between a stream opening and a change committing, made deterministic with a transaction the test holds.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::{
+    events::{Stream, statuses},
+    helpers::{TestApp, database_url_of},
+};
+
+/// Waits until a statement of another connection waits on a lock (the stream's first read, behind the test's).
+async fn until_a_statement_waits_on_a_lock(pool: &PgPool) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no statement waited on the test's lock");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_change_committing_while_an_order_stream_opens_is_its_first_event_and_ends_it(
+    pool: PgPool,
+) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let user = app.new_user().await;
+    let id = app.create_widget(&user.access).await;
+    // A cancel, held uncommitted, with the history locked: the stream's read of the order sees it PENDING, and its
+    // read of the history waits until the cancel has committed.
+    let mut held = PgConnection::connect(&database_url_of(&pool))
+        .await
+        .unwrap();
+    let mut tx = held.begin().await.unwrap();
+    sqlx::query("update orders set status = 'CANCELLED' where id = $1::uuid")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into order_status_history (order_id, status) values ($1::uuid, 'CANCELLED')",
+    )
+    .bind(&id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("lock table order_status_history in access exclusive mode")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let path = format!("/orders/{id}/events");
+    let opening = {
+        let (app_base, token) = (app.base.clone(), user.access.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(format!("{app_base}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    until_a_statement_waits_on_a_lock(&pool).await;
+    tx.commit().await.unwrap();
+    let response = opening.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = Stream::from_response(response);
+    // The order as it is once the cancel committed, under the cancel's id, and nothing after: the stream ends.
+    let events = tokio::time::timeout(Duration::from_secs(10), stream.rest())
+        .await
+        .expect("the stream ends after CANCELLED");
+    assert_eq!(statuses(&events), ["CANCELLED"]);
+    assert_ne!(events[0].id, "0");
+}
