@@ -59,7 +59,12 @@ impl CutProxy {
 
     /// Drops every connection open now: both sockets close.
     fn cut(&self) -> usize {
-        let open = std::mem::take(&mut *self.connections.lock().unwrap_or_else(PoisonError::into_inner));
+        let open = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         open.iter().for_each(AbortHandle::abort);
         open.len()
     }
@@ -73,13 +78,18 @@ impl Drop for CutProxy {
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
-async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_by_itself(pool: PgPool) {
+async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_by_itself(
+    pool: PgPool,
+) {
     let app = TestApp::spawn(pool.clone()).await;
     let proxy = CutProxy::start(app.base.trim_start_matches("http://").to_owned()).await;
     let user = app.new_user().await;
     let id = app.create_widget(&user.access).await;
     let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    let screenshot = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/browser-eventsource.png");
+    let screenshot = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/browser-eventsource.png"
+    );
     let mut node = tokio::process::Command::new("node")
         .arg(format!("{folder}/eventsource.mjs"))
         .args([&proxy.base, &user.access, &id, screenshot])
@@ -119,12 +129,18 @@ async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_b
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while status().await != "PROCESSING" {
-        assert!(tokio::time::Instant::now() < deadline, "the order never became PROCESSING");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the order never became PROCESSING"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The PROCESSING event is on its way; then the connection drops, before COMPLETED.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(proxy.cut() >= 1, "the stream's connection went through the proxy");
+    assert!(
+        proxy.cut() >= 1,
+        "the stream's connection went through the proxy"
+    );
 
     let last = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
         .await
