@@ -146,6 +146,10 @@ pub struct RateLimits {
     /// PATCH /orders/{id}/cancel per client per minute.
     #[arg(long, env = "RATE_LIMIT_CANCEL_ORDER_PER_MINUTE", default_value_t = 10)]
     pub rate_limit_cancel_order_per_minute: u32,
+
+    /// Event streams opened (GET /orders/{id}/events and /orders/events together) per client per minute.
+    #[arg(long, env = "RATE_LIMIT_OPEN_STREAM_PER_MINUTE", default_value_t = 30)]
+    pub rate_limit_open_stream_per_minute: u32,
 }
 
 impl RateLimits {
@@ -160,6 +164,7 @@ impl RateLimits {
             rate_limit_create_order_per_minute: 0,
             rate_limit_list_orders_per_minute: 0,
             rate_limit_cancel_order_per_minute: 0,
+            rate_limit_open_stream_per_minute: 0,
         }
     }
 }

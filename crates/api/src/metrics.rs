@@ -2,7 +2,8 @@
 //!
 //! Series: `http_requests_total` and `http_request_duration_seconds` by method, route template and status;
 //! `orders_created_total`, `orders_deferred_total`; the backlog gauges (`queue_jobs_waiting`, `orders_pending`,
-//! `orders_oldest_pending_age_seconds`); plus, with `--with-worker`, the worker's series.
+//! `orders_oldest_pending_age_seconds`); the live-status listener's `sse_listener_reconnects_total` and
+//! `sse_listener_probe_failures_total`; plus, with `--with-worker`, the worker's series.
 
 use std::{sync::Arc, time::Instant};
 
@@ -33,8 +34,18 @@ pub fn register() {
         "orders_deferred_total",
         "Orders created while the queue was full or a backlog was being fed: left to the reconciler"
     );
+    metrics::describe_counter!(
+        "sse_listener_reconnects_total",
+        "Times the order events listener listened again after losing its connection"
+    );
+    metrics::describe_counter!(
+        "sse_listener_probe_failures_total",
+        "Probes of the order events listener's connection that failed or went unanswered within 2 s"
+    );
     metrics::counter!("orders_created_total").increment(0);
     metrics::counter!("orders_deferred_total").increment(0);
+    metrics::counter!("sse_listener_reconnects_total").increment(0);
+    metrics::counter!("sse_listener_probe_failures_total").increment(0);
 }
 
 /// Counts and times every request. Every label has a fixed set of values, whatever clients send: the method is

@@ -212,7 +212,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, &per_route))
         .merge(routes::orders::router(&config.rate_limits, &per_route))
-        .merge(routes::events::router())
+        .merge(routes::events::router(&config.rate_limits, &per_route))
         .with_state(state)
         .split_for_parts();
     crate::openapi::close_request_bodies(&mut openapi);

@@ -58,6 +58,6 @@ pub struct Shared {
     pub login_max_failures: u32,
     /// Live order status: the listener's signals and the bounds on open streams.
     pub events: Arc<crate::events::Hub>,
-    /// What the last readiness probe found (bit 0: PostgreSQL down, bit 1: Redis down), to log changes only.
+    /// What the last readiness probe found (bit 0: PostgreSQL down, bit 1: Redis down, bit 2: the live-status listener down), to log changes only.
     pub readiness: Arc<std::sync::atomic::AtomicU8>,
 }

@@ -280,8 +280,8 @@ mod tests {
         let remembered = keys.verified.get(&key).unwrap();
         keys.verified.insert(
             key,
-            VerifiedAccess {
-                exp: Utc::now().timestamp() - 1,
+            Grant {
+                expires_at: Utc::now().timestamp() - 1,
                 ..remembered
             },
         );

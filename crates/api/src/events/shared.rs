@@ -5,6 +5,9 @@
 //!   has ended, refuse if the user still has the limit's count, else add this stream.
 //! - Closing it removes its member. A process that dies cannot, so each process renews the leases of its open
 //!   streams every [`RENEW_EVERY`], and a dead one's streams stop counting at most [`LEASE`] later.
+//! - The renewal also adds back what Redis lost: the streams opened while it did not answer, and those whose
+//!   lease lapsed during an outage (or whose key was lost), so that the count heals within [`RENEW_EVERY`] of
+//!   Redis answering again.
 //! - When Redis does not answer within [`DECISION_TIMEOUT`], the process's own count decides (as for the rate
 //!   limits: logged once, counted in `sse_local_decisions_total`, Redis asked again a second later).
 
@@ -52,7 +55,7 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 1])
   redis.call('PEXPIRE', key, tonumber(ARGV[1]))
 end
 return #KEYS
@@ -67,8 +70,9 @@ pub enum Shared {
     Granted(SharedSlot),
     /// The user has the limit's count of streams open over all processes.
     Refused,
-    /// Redis did not answer: the process's own count decides.
-    Unknown,
+    /// Redis did not answer: the process's own count decides. The stream is added to the shared count by the
+    /// next renewal that Redis answers.
+    Unknown(SharedSlot),
 }
 
 /// The streams of this process in the shared count.
@@ -106,10 +110,10 @@ impl SharedSlots {
 
     /// Asks for one more stream of `user`, who may have `max` open over all processes.
     pub async fn open(self: &Arc<Self>, user: UserId, max: u32) -> Shared {
-        if self.health.skipping() {
-            return Shared::Unknown;
-        }
         let number = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.health.skipping() {
+            return Shared::Unknown(self.hold(number, user));
+        }
         let mut invocation = OPEN.key(self.key(user));
         invocation
             .arg(self.member(number))
@@ -122,11 +126,7 @@ impl SharedSlots {
         {
             Ok(Ok(1)) => {
                 self.health.answered();
-                self.held_mut().insert(number, user);
-                Shared::Granted(SharedSlot {
-                    slots: self.clone(),
-                    number,
-                })
+                Shared::Granted(self.hold(number, user))
             }
             Ok(Ok(_)) => {
                 self.health.answered();
@@ -134,12 +134,22 @@ impl SharedSlots {
             }
             Ok(Err(err)) => {
                 self.health.failed(&err.to_string());
-                Shared::Unknown
+                Shared::Unknown(self.hold(number, user))
             }
             Err(_) => {
                 self.health.failed("no answer in time");
-                Shared::Unknown
+                Shared::Unknown(self.hold(number, user))
             }
+        }
+    }
+
+    /// Counts stream `number` of `user` as open here: the renewals keep (or put) it in the shared count until the
+    /// returned slot is dropped.
+    fn hold(self: &Arc<Self>, number: u64, user: UserId) -> SharedSlot {
+        self.held_mut().insert(number, user);
+        SharedSlot {
+            slots: self.clone(),
+            number,
         }
     }
 
@@ -297,5 +307,48 @@ pub(crate) mod tests {
         );
         drop(open);
         let _: () = conn.del(&key).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewal_adds_back_the_open_streams_redis_lost() {
+        let (slots, mut conn) = slots().await;
+        let user = UserId::new();
+        let key = slots.key(user);
+        let Shared::Granted(open) = slots.open(user, 10).await else {
+            panic!("the stream is refused");
+        };
+        // Redis restarted empty, evicted the key, or the lease lapsed during an outage.
+        let _: () = conn.del(&key).await.unwrap();
+        slots.renew().await.unwrap();
+        let score: Option<f64> = conn.zscore(&key, slots.member(open.number)).await.unwrap();
+        assert!(score.is_some(), "the open stream counts again");
+        assert_eq!(conn.zcard::<_, usize>(&key).await.unwrap(), 1);
+        drop(open);
+        let _: () = conn.del(&key).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_while_redis_does_not_answer_is_counted_once_it_does() {
+        let (slots, mut conn) = slots().await;
+        let user = UserId::new();
+        // Redis did not answer for this one: the process's count decided, and the renewals hold it.
+        let number = slots.next.fetch_add(1, Ordering::Relaxed);
+        let unknown = slots.hold(number, user);
+        slots.renew().await.unwrap();
+        let key = slots.key(user);
+        let score: Option<f64> = conn.zscore(&key, slots.member(number)).await.unwrap();
+        assert!(score.is_some(), "the stream counts once Redis answers");
+        drop(unknown);
+        for _ in 0..100 {
+            if conn.zcard::<_, usize>(&key).await.unwrap() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            conn.zcard::<_, usize>(&key).await.unwrap(),
+            0,
+            "a closed stream still counts"
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, VecDeque},
     convert::Infallible,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -26,15 +27,17 @@ use orders_core::{
     domain::{Order, OrderId, UserId},
 };
 use sqlx::PgPool;
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::{AuthUser, StreamUser, events_cookie},
+    config::RateLimits,
     error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
     events::{Signal, Slot, Subscription, Topic, authority::Authority},
     extract::OrderPath,
     loc,
+    rate_limit::RouteLimits,
     routes::orders::order_json,
     state::AppState,
 };
@@ -42,11 +45,20 @@ use crate::{
 /// How often a quiet stream sends a comment line, so that proxies and clients see it alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// The two streams, and the cookie that lets a browser's `EventSource` open them.
-pub fn router() -> OpenApiRouter<AppState> {
+/// The two streams, opened within one rate limit (`RATE_LIMIT_OPEN_STREAM_PER_MINUTE`: a stream reads history
+/// when it opens, so opening and closing them in a loop must not be free), and the cookie that lets a browser's
+/// `EventSource` open them.
+pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(order_events))
-        .routes(routes!(my_order_events))
+        .merge(
+            per_route.apply(
+                OpenApiRouter::new()
+                    .routes(routes!(order_events))
+                    .routes(routes!(my_order_events)),
+                "open_stream",
+                limits.rate_limit_open_stream_per_minute,
+            ),
+        )
         .routes(routes!(events_cookie_for_browsers))
 }
 
@@ -161,6 +173,10 @@ async fn order_events(
 /// the order as JSON `data`), from the moment of connecting, or after `Last-Event-ID` when reconnecting. Creating
 /// an order is not a change: its first event is PROCESSING (or CANCELLED). A comment line comes every 15 s.
 ///
+/// A `Last-Event-ID` more than 1,000 changes of mine back is not replayed: the first event is then `event: reset`
+/// (its `id` the latest change, its `data` `{"detail", "replays_at_most"}`), and the stream goes on from now; reload
+/// the orders with `GET /orders/my-orders`.
+///
 /// Authenticated, and ended, as `GET /orders/{id}/events` is.
 #[utoipa::path(get, path = "/orders/events", tag = "orders", security(("bearer" = [])),
     params(
@@ -192,6 +208,17 @@ async fn my_order_events(
     let stream = match after {
         // The first page of what was missed now (a database error is still an error response); the rest as the
         // stream is read.
+        // Too far back: the history is not replayed; the client reloads the state instead.
+        Some(after)
+            if events::user_changes_exceed(&state.db, user.user_id, after, RESUME_MAX_CHANGES)
+                .await? =>
+        {
+            let floor = events::last_change(&state.db).await?;
+            let mut stream =
+                EventStream::new(feed, &state.db, slot, Scope::user(user.user_id, floor));
+            stream.queue.push_back(reset_event(floor));
+            stream
+        }
         Some(after) => {
             let missed = events::changes_of_user(&state.db, user.user_id, after).await?;
             let mut stream =
@@ -205,6 +232,22 @@ async fn my_order_events(
         }
     };
     Ok(sse(stream))
+}
+
+/// Most changes a resumed `/orders/events` replays: further back, it sends [`reset_event`] instead.
+pub const RESUME_MAX_CHANGES: i64 = 1000;
+
+/// `event: reset`: more than [`RESUME_MAX_CHANGES`] changes were missed, so the stream goes on from now, after
+/// `floor` (its id, so that the next reconnect resumes from there), and the client reloads its orders.
+fn reset_event(floor: i64) -> Event {
+    let data = serde_json::json!({
+        "detail": "More changes were missed than a stream replays: reload your orders with GET /orders/my-orders",
+        "replays_at_most": RESUME_MAX_CHANGES,
+    });
+    Event::default()
+        .event("reset")
+        .id(floor.to_string())
+        .data(data.to_string())
 }
 
 fn sse(events: EventStream) -> Response {
@@ -352,16 +395,25 @@ impl Scope {
         matches!(self, Self::User { more: true, .. })
     }
 
-    /// Reads what this stream may have missed (a page of it, for a user's stream).
-    fn read_history(&self, db: &PgPool) -> BoxFuture<'static, sqlx::Result<Vec<StatusChange>>> {
+    /// Reads what this stream may have missed (a page of it, for a user's stream), once `turns` has a turn free:
+    /// held for the query alone, so that streams catching up together never crowd the requests out of the pool.
+    fn read_history(
+        &self,
+        db: &PgPool,
+        turns: Arc<Semaphore>,
+    ) -> BoxFuture<'static, sqlx::Result<Vec<StatusChange>>> {
         let db = db.clone();
         match *self {
-            Self::Order { order, cursor, .. } => {
-                async move { events::changes_of_order(&db, order, cursor).await }.boxed()
+            Self::Order { order, cursor, .. } => async move {
+                let _turn = turns.acquire_owned().await;
+                events::changes_of_order(&db, order, cursor).await
             }
-            Self::User { user, floor, .. } => {
-                async move { events::changes_of_user(&db, user, floor).await }.boxed()
+            .boxed(),
+            Self::User { user, floor, .. } => async move {
+                let _turn = turns.acquire_owned().await;
+                events::changes_of_user(&db, user, floor).await
             }
+            .boxed(),
         }
     }
 }
@@ -451,7 +503,7 @@ impl Stream for EventStream {
                 if this.feed.is_closed() {
                     return Poll::Ready(None);
                 }
-                this.reading = Some(this.scope.read_history(&this.db));
+                this.reading = Some(this.scope.read_history(&this.db, this.feed.history_reads()));
             }
             if let Some(reading) = &mut this.reading {
                 let read = ready!(reading.poll_unpin(cx));
@@ -469,7 +521,10 @@ impl Stream for EventStream {
             }
             match ready!(this.feed.poll_signal(cx)) {
                 Signal::Stop => return Poll::Ready(None),
-                Signal::CatchUp => this.reading = Some(this.scope.read_history(&this.db)),
+                Signal::CatchUp => {
+                    this.reading =
+                        Some(this.scope.read_history(&this.db, this.feed.history_reads()));
+                }
                 Signal::Change(change) => {
                     if let Some(event) = this.scope.accept(&change) {
                         return Poll::Ready(Some(Ok(event)));

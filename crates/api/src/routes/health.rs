@@ -1,4 +1,9 @@
 //! Liveness and readiness.
+//!
+//! Readiness covers what the requests need (PostgreSQL and Redis) and what the event streams need besides: the
+//! process's listener. A replica whose listener has been down for
+//! [`LISTENER_DOWN_AFTER`](crate::events::listener::LISTENER_DOWN_AFTER) keeps its streams open, heartbeats and
+//! all, while no change reaches them: it is taken out of rotation like one that cannot reach PostgreSQL.
 
 use std::time::Duration;
 
@@ -59,12 +64,19 @@ pub struct Ready {
     pub postgres: &'static str,
     /// `ok` or `unavailable`.
     pub redis: &'static str,
+    /// The live-status listener: `ok`, or `down` once it has not listened for 10 s (this process's event
+    /// streams receive no change meanwhile).
+    pub events: &'static str,
 }
 
-/// Readiness: 200 when PostgreSQL and Redis both answer, otherwise 503 naming which one failed.
+/// Readiness: 200 when PostgreSQL and Redis answer and the live-status listener listens, else 503 naming what failed.
+///
+/// The 503 body is `{"detail", "postgres", "redis", "events"}`: `detail` names what failed, the others are as in
+/// the 200 body. `events` is `down` once the listener has gone 10 s without listening (it finds a silent connection
+/// within 5 s and replaces it at once, so a shorter gap is not reported).
 #[utoipa::path(get, path = "/health/ready", tag = "health", responses(
-    (status = 200, body = Ready, description = "PostgreSQL and Redis answer"),
-    (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL or Redis is unreachable; `detail` names it"),
+    (status = 200, body = Ready, description = "PostgreSQL and Redis answer, and the live-status listener listens"),
+    (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL or Redis is unreachable, or the live-status listener has been down for 10 s; `detail` names it"),
 ))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let postgres = async {
@@ -73,38 +85,54 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     };
     let redis = state.queue.ping(PROBE_TIMEOUT);
     let (postgres, redis) = tokio::join!(postgres, redis);
+    let events = !state.events.listener.is_down();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let failed: Vec<&str> = [(postgres, "PostgreSQL"), (redis, "Redis")]
+    let events_word = if events { "ok" } else { "down" };
+    let unreachable: Vec<&str> = [(postgres, "PostgreSQL"), (redis, "Redis")]
         .into_iter()
         .filter_map(|(ok, name)| (!ok).then_some(name))
         .collect();
+    let mut failed = Vec::new();
+    if !unreachable.is_empty() {
+        failed.push(format!("{} unreachable", unreachable.join(" and ")));
+    }
+    if !events {
+        let secs = state.events.listener.unheard_for().as_secs();
+        failed.push(format!("live order status down (no listener for {secs} s)"));
+    }
     // Probes come every few seconds: log a change of state, not every probe.
-    let state_now = u8::from(!postgres) | (u8::from(!redis) << 1);
+    let state_now = u8::from(!postgres) | (u8::from(!redis) << 1) | (u8::from(!events) << 2);
     let state_before = state
         .readiness
         .swap(state_now, std::sync::atomic::Ordering::Relaxed);
     if failed.is_empty() {
         if state_before != 0 {
-            tracing::info!("ready again: PostgreSQL and Redis answer");
+            tracing::info!(
+                "ready again: PostgreSQL and Redis answer, and the order events listener listens"
+            );
         }
         (
             StatusCode::OK,
             Json(serde_json::json!(Ready {
                 status: "ok".into(),
                 postgres: "ok",
-                redis: "ok"
+                redis: "ok",
+                events: "ok",
             })),
         )
     } else {
-        let detail = format!("Service unavailable: {} unreachable", failed.join(" and "));
+        let detail = format!("Service unavailable: {}", failed.join("; "));
         if state_before != state_now {
             tracing::warn!(%detail, "not ready");
         }
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({ "detail": detail, "postgres": word(postgres), "redis": word(redis) }),
-            ),
+            Json(serde_json::json!({
+                "detail": detail,
+                "postgres": word(postgres),
+                "redis": word(redis),
+                "events": events_word,
+            })),
         )
     }
 }

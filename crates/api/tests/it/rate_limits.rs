@@ -279,3 +279,39 @@ async fn with_redis_unreachable_each_process_still_holds_its_limit(pool: PgPool)
     let fallbacks = app.metric("rate_limit_local_decisions_total").await;
     assert!(fallbacks >= 6.0, "{fallbacks}");
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn opening_streams_in_a_loop_is_rate_limited_over_both_event_routes(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, limited).await;
+    let user = app.new_user().await;
+    let id = app.create_widget(&user.access).await;
+    // Opened and closed at once, each one reading the whole history: 30 a minute, both routes together.
+    for n in 0..30 {
+        let path = if n % 2 == 0 {
+            "/orders/events".to_owned()
+        } else {
+            format!("/orders/{id}/events")
+        };
+        let response = reqwest::Client::new()
+            .get(app.url(&path))
+            .bearer_auth(&user.access)
+            .header("Last-Event-ID", "0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "stream {n}");
+        drop(response);
+    }
+    let refused = reqwest::Client::new()
+        .get(app.url("/orders/events"))
+        .bearer_auth(&user.access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry_after(&refused) >= 1);
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+}

@@ -247,3 +247,45 @@ async fn a_reconnect_to_a_finished_order_after_its_last_change_gets_204(pool: Pg
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     assert_eq!(response.text().await.unwrap(), "");
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_resume_too_far_back_says_reset_instead_of_replaying_the_history(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let user = app.new_user().await;
+    let id = app.create_widget(&user.access).await;
+    // 1,001 changes of this user's order since event 0 (the history as a long-lived client would have missed it).
+    sqlx::query(
+        "insert into order_status_history (order_id, status)
+         select $1::uuid, 'PROCESSING' from generate_series(1, 1001)",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let last: i64 = sqlx::query_scalar("select max(id) from order_status_history")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut stream = Stream::start(&app, &user.access, "/orders/events", Some("0")).await;
+    let reset = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.id, last.to_string());
+    assert_eq!(reset.data["replays_at_most"], 1000);
+    // Live from there: the next change is sent, and nothing of the history.
+    assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    let next = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (next.event.as_str(), next.status()),
+        ("status", "CANCELLED")
+    );
+    // A resume within the bound replays.
+    let mut near = Stream::start(
+        &app,
+        &user.access,
+        "/orders/events",
+        Some(&(last - 3).to_string()),
+    )
+    .await;
+    let replayed = near.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(replayed.event, "status");
+}

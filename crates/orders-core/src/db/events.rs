@@ -157,6 +157,29 @@ pub async fn changes_of_user(
     Ok(rows.into_iter().map(StatusChange::from).collect())
 }
 
+/// Whether a user's orders have more than `max` changes after `after` (reading at most `max + 1` of them).
+pub async fn user_changes_exceed(
+    executor: impl PgExecutor<'_>,
+    user_id: UserId,
+    after: i64,
+    max: i64,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"
+        select count(*) > $3::bigint as "exceeds!" from (
+            select 1 from order_status_history h join orders o on o.id = h.order_id
+            where o.user_id = $1 and h.id > $2
+            limit $3::bigint + 1
+        ) missed
+        "#,
+        user_id as UserId,
+        after,
+        max,
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// The id of the last change of any order (0 if none): where a stream of a user's changes starts.
 pub async fn last_change(executor: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar!(r#"select coalesce(max(id), 0) as "id!" from order_status_history"#)
