@@ -208,8 +208,13 @@ pub async fn run_with_health(
     );
     let reconciling =
         tokio::spawn(reconciler.run(settings.reconcile_interval(), stop.child_token()));
-    let processor = Processor::new(db, name.clone(), settings.lease(), settings.stage_delay())
-        .with_max_attempts(settings.order_max_attempts);
+    let processor = Processor::new(
+        db.clone(),
+        name.clone(),
+        settings.lease(),
+        settings.stage_delay(),
+    )
+    .with_max_attempts(settings.order_max_attempts);
     tracing::info!(
         worker = %name,
         queue = %queue_config.queue_name,
@@ -283,6 +288,22 @@ pub async fn run_with_health(
             }
             _ => None,
         };
+        // apalis drops the jobs a failed consumer was running: their orders keep this process's claims, which no
+        // handler will complete. Give them back rather than wait for their leases, and refund the attempts.
+        if matches!(result, Some(Err(_))) {
+            match orders_core::db::orders::release_claims_of(&db, &name).await {
+                Ok(released) if released.is_empty() => {}
+                Ok(released) => {
+                    tracing::info!(
+                        orders = released.len(),
+                        "claims of the failed consumer's jobs given back"
+                    )
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot give back the failed consumer's claims; their leases end them")
+                }
+            }
+        }
         // This generation is over: unregister it now rather than leave it to the sweeps (apalis's own
         // unregistering on close removes the wrong member), and give back what it fetched but did not finish.
         match janitor.retire(&generation_name).await {

@@ -31,6 +31,8 @@ use crate::{config::WorkerSettings, janitor::Janitor};
 
 /// Most orders pushed in one round trip (and taken in one query).
 const BATCH: u64 = 1000;
+/// Fewest orders one push carries after Redis refused larger ones.
+const MIN_BATCH: u64 = 10;
 /// While a backlog waits in PostgreSQL, how often the reconciler looks for room in Redis.
 const FEED_INTERVAL: Duration = Duration::from_millis(100);
 /// How often, at least, finished jobs are forgotten: Redis holds at most this long's worth of them.
@@ -58,6 +60,9 @@ pub struct Reconciler {
     backlog_ttl: Duration,
     /// Logs a Redis outage once.
     outage: RedisOutage,
+    /// Orders one push carries now: halved each time Redis refuses a push (a Redis out of memory refuses a large
+    /// script that a small one would fit), doubled back after each push it takes, up to [`BATCH`].
+    push_batch: u64,
 }
 
 impl Reconciler {
@@ -80,6 +85,7 @@ impl Reconciler {
             redeliver_after: settings.redeliver_after(),
             push_timeout,
             backlog: false,
+            push_batch: BATCH,
             backlog_ttl: (settings.reconcile_interval() * 3).max(Duration::from_secs(1)),
         }
     }
@@ -155,7 +161,7 @@ impl Reconciler {
         }
         let mut pushed = 0;
         loop {
-            let want = room.min(BATCH);
+            let want = room.min(self.push_batch);
             let due = db::take_due_for_enqueue(
                 &self.db,
                 self.redeliver_after,
@@ -166,8 +172,10 @@ impl Reconciler {
             if let Err(err) = self.queue.push_orders(&ids, self.push_timeout).await {
                 tracing::warn!(orders = ids.len(), error = %err, "reconciler: push failed; will retry next round");
                 db::clear_enqueued(&self.db, &ids).await?;
+                self.push_batch = (self.push_batch / 2).max(MIN_BATCH);
                 return Ok(pushed);
             }
+            self.push_batch = (self.push_batch * 2).min(BATCH);
             pushed += ids.len();
             metrics::counter!("worker_reconciler_requeued_total").increment(ids.len() as u64);
             room -= ids.len() as u64;

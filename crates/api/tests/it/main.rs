@@ -6,16 +6,23 @@
 
 mod auth;
 mod backlog;
+mod browser;
+mod chaos;
 mod events;
+mod events_listener;
 mod hardening;
 mod helpers;
 mod observability;
 mod openapi;
 mod orders;
+#[path = "../../../worker/tests/it/own_redis.rs"]
+mod own_redis;
 mod pgbouncer;
 mod rate_limits;
 mod scale_out;
 mod serve;
+mod stream_authority;
+mod stream_races;
 mod tls;
 mod validation;
 mod worker;

@@ -500,6 +500,27 @@ pub async fn claim_for_processing(
         .collect())
 }
 
+/// Gives back the claims of the worker process `worker_name` whose jobs are no longer handled: a consumer that
+/// fails drops the jobs it was running, between their claim and their completion. Each such order's lease ends now
+/// and its attempt is refunded (the order did not fail), so the reconciler pushes it again at once and the next
+/// claim takes it over, without a new status. Call it only while the process runs no handler. Returns the orders.
+pub async fn release_claims_of(
+    executor: impl PgExecutor<'_>,
+    worker_name: &str,
+) -> sqlx::Result<Vec<OrderId>> {
+    sqlx::query_scalar!(
+        r#"
+        update orders
+        set lease_until = now(), attempts = greatest(attempts - 1, 0)
+        where status = 'PROCESSING' and lease_until > now() and starts_with(locked_by, $1 || '/')
+        returning id as "id: OrderId"
+        "#,
+        worker_name,
+    )
+    .fetch_all(executor)
+    .await
+}
+
 /// Moves each order `PROCESSING → COMPLETED` if its token still holds it, in one statement and one commit for
 /// the whole batch. Returns the tokens whose order was completed: for the others, another worker took the order
 /// over in the meantime, or it is no longer processing.

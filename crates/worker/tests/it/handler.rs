@@ -146,6 +146,41 @@ async fn a_reclaim_after_a_failed_completion_records_processing_once(db: PgPool)
     assert_eq!(history(&db, id).await, ["PROCESSING", "COMPLETED"]);
 }
 
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_claims_of_a_failed_consumer_are_given_back_without_costing_an_attempt(db: PgPool) {
+    let [id, other] = new_orders(&db, 2).await[..] else {
+        unreachable!()
+    };
+    let a = processor(&db, "worker-a", Duration::from_secs(60));
+    let ab = processor(&db, "worker-ab", Duration::from_secs(60));
+    a.claim(id).await.unwrap().expect("a claims");
+    ab.claim(other).await.unwrap().expect("ab claims");
+    // worker-a's consumer failed and dropped the job: its claim goes, worker-ab's (another process) stays.
+    let released = orders_core::db::orders::release_claims_of(&db, "worker-a")
+        .await
+        .unwrap();
+    assert_eq!(released, [id]);
+    let attempts: i32 = sqlx::query_scalar("select attempts from orders where id = $1")
+        .bind(id.0)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "the dropped claim cost the order nothing");
+    let b = processor(&db, "worker-b", Duration::from_secs(60));
+    let claim = b
+        .claim(id)
+        .await
+        .unwrap()
+        .expect("taken over at once, not after the lease");
+    assert_eq!(claim.previous, OrderStatus::Processing);
+    assert!(b.complete(id, &claim).await.unwrap());
+    assert_eq!(history(&db, id).await, ["PROCESSING", "COMPLETED"]);
+    assert!(
+        b.claim(other).await.unwrap().is_err(),
+        "worker-ab's claim is alive"
+    );
+}
+
 /// The statuses `order_status_history` recorded for `id`, in order.
 async fn history(db: &PgPool, id: orders_core::domain::OrderId) -> Vec<String> {
     sqlx::query_scalar(
