@@ -335,14 +335,7 @@ impl Janitor {
     /// One SCAN step over the jobs' metadata hashes, deleting those of jobs with no data that are not finished.
     async fn forget_stray_job_meta(&mut self) -> redis::RedisResult<Vec<Finding>> {
         let prefix = format!("{}:", self.keys.meta);
-        let (cursor, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(self.meta_cursor)
-            .arg("MATCH")
-            .arg(format!("{}*", escape_glob(&prefix)))
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut self.conn)
-            .await?;
+        let (cursor, found) = self.scan_step(self.meta_cursor, &prefix).await?;
         self.meta_cursor = cursor;
         if found.is_empty() {
             return Ok(Vec::new());
@@ -464,18 +457,27 @@ impl Janitor {
         Ok(retired)
     }
 
+    /// One SCAN step from `cursor` over the keys that start with `prefix`: the next cursor and the keys found.
+    async fn scan_step(
+        &mut self,
+        cursor: u64,
+        prefix: &str,
+    ) -> redis::RedisResult<(u64, Vec<String>)> {
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}*", escape_glob(prefix)))
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut self.conn)
+            .await
+    }
+
     /// One SCAN step over the workers' metadata hashes, deleting those of workers no longer registered (apalis
     /// unregisters dead workers itself but leaves their metadata). The cursor carries over between sweeps.
     async fn forget_stray_metadata(&mut self) -> redis::RedisResult<usize> {
         let prefix = format!("{}:", self.keys.worker_metadata);
-        let (cursor, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(self.scan_cursor)
-            .arg("MATCH")
-            .arg(format!("{}*", escape_glob(&prefix)))
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut self.conn)
-            .await?;
+        let (cursor, found) = self.scan_step(self.scan_cursor, &prefix).await?;
         self.scan_cursor = cursor;
         let mut forgotten = 0;
         for key in found {

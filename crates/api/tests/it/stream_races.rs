@@ -10,8 +10,9 @@ use crate::{
     helpers::{TestApp, database_url_of},
 };
 
-/// Waits until a statement of another connection waits on a lock (the stream's first read, behind the test's).
-async fn until_a_statement_waits_on_a_lock(pool: &PgPool) {
+/// Waits until a statement of another connection waits on a lock (behind the test's), or `done` says there is no
+/// need (the statement finished without waiting).
+async fn until_a_statement_waits_on_a_lock(pool: &PgPool, done: impl Fn() -> bool) {
     for _ in 0..500 {
         let waiting: i64 = sqlx::query_scalar(
             "select count(*) from pg_stat_activity
@@ -20,7 +21,7 @@ async fn until_a_statement_waits_on_a_lock(pool: &PgPool) {
         .fetch_one(pool)
         .await
         .unwrap();
-        if waiting > 0 {
+        if waiting > 0 || done() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -54,7 +55,7 @@ async fn a_change_committing_while_an_order_stream_opens_is_its_first_event_and_
                 .unwrap()
         })
     };
-    until_a_statement_waits_on_a_lock(&pool).await;
+    until_a_statement_waits_on_a_lock(&pool, || false).await;
     commit(held).await;
     let response = opening.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -115,19 +116,7 @@ async fn a_change_that_commits_after_a_later_one_still_reaches_the_stream_of_all
     };
     // The second order's cancel commits, or waits for the held change to commit first: either way, once it has
     // settled, the stream opens.
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 || cancelling.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_a_statement_waits_on_a_lock(&pool, || cancelling.is_finished()).await;
     let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
     commit(held).await;
     assert_eq!(cancelling.await.unwrap(), StatusCode::OK);
