@@ -121,10 +121,14 @@ async fn a_logout_ends_the_sessions_streams_on_every_api_process_and_no_other(po
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
-async fn a_refresh_keeps_the_streams_and_a_reuse_that_revokes_the_session_ends_them(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+async fn a_refresh_keeps_the_streams_and_a_reuse_that_revokes_the_session_ends_them_on_every_process(
+    pool: PgPool,
+) {
+    let app = TestApp::spawn(pool.clone()).await;
+    // The stream is held by another api process than the one that sees the reuse.
+    let other = TestApp::spawn(pool).await;
     let user = app.new_user().await;
-    let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
+    let mut stream = Stream::start(&other, &user.access, "/orders/events", None).await;
     let renewed = json(app.refresh(&user.refresh).await).await;
     let access = renewed["access_token"].as_str().unwrap().to_owned();
     // Longer than a check of the sessions: the refreshed session goes on, and so does its stream.
