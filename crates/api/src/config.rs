@@ -147,7 +147,8 @@ pub struct RateLimits {
     #[arg(long, env = "RATE_LIMIT_CANCEL_ORDER_PER_MINUTE", default_value_t = 10)]
     pub rate_limit_cancel_order_per_minute: u32,
 
-    /// Event streams opened (GET /orders/{id}/events and /orders/events together) per client per minute.
+    /// Event streams opened (GET /orders/{id}/events and /orders/events together) per minute, per client and per
+    /// user.
     #[arg(long, env = "RATE_LIMIT_OPEN_STREAM_PER_MINUTE", default_value_t = 30)]
     pub rate_limit_open_stream_per_minute: u32,
 }

@@ -120,6 +120,15 @@ impl App {
             session_max: config.session_max(),
             login_max_failures: config.login_max_failures,
             readiness: Arc::default(),
+            stream_openings: (config.rate_limits.rate_limit_enabled
+                && config.rate_limits.rate_limit_shared
+                && config.rate_limits.rate_limit_open_stream_per_minute > 0)
+                .then(|| {
+                    (
+                        SharedLimits::new(redis.clone(), &config.queue.queue_name),
+                        config.rate_limits.rate_limit_open_stream_per_minute,
+                    )
+                }),
         });
         let router = router(state, &config);
         let listener = TcpListener::bind(config.bind_addr).await.with_context(|| {

@@ -8,7 +8,6 @@
 //! `rate_limit_local_decisions_total`), never into 500s or an open door.
 
 use std::{
-    net::IpAddr,
     sync::{
         Arc, LazyLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -84,9 +83,15 @@ impl SharedLimits {
         }
     }
 
-    /// Decides on one request of `client` to `route`, limited to a burst of `per_minute` refilled at
-    /// `per_minute` a minute; `None` when Redis cannot decide (the per-process limit does).
-    pub async fn decide(&self, route: &str, client: IpAddr, per_minute: u32) -> Option<Decision> {
+    /// Decides on one request of `client` (an address, or a user for limits per user) to `route`, limited to a
+    /// burst of `per_minute` refilled at `per_minute` a minute; `None` when Redis cannot decide (the per-process
+    /// limit does).
+    pub async fn decide(
+        &self,
+        route: &str,
+        client: impl std::fmt::Display,
+        per_minute: u32,
+    ) -> Option<Decision> {
         if self.health.skipping() {
             return None;
         }

@@ -62,6 +62,26 @@ pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<App
         .routes(routes!(events_cookie_for_browsers))
 }
 
+/// Counts one more stream opened by `user` against `RATE_LIMIT_OPEN_STREAM_PER_MINUTE` per user, over every api
+/// process: `429` with `Retry-After` past it. The route's limit per client holds besides (and alone, while Redis
+/// does not answer), so a user opening streams from many addresses is limited too.
+async fn limit_openings(state: &AppState, user: &AuthUser) -> ApiResult<()> {
+    let Some((limits, per_minute)) = &state.stream_openings else {
+        return Ok(());
+    };
+    match limits
+        .decide("open_stream_user", user.user_id, *per_minute)
+        .await
+    {
+        Some(crate::rate_limit::shared::Decision::Refused { wait }) => {
+            Err(ApiError::TooManyRequests {
+                retry_after_secs: wait.as_millis().div_ceil(1000).max(1) as u64,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The authority a stream is opened with: it ends with it.
 fn authority(user: &AuthUser) -> Authority {
     Authority {
@@ -136,6 +156,7 @@ async fn order_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
+    limit_openings(&state, &user).await?;
     let slot = state.events.open(user.user_id).await?;
     // Subscribed before anything is read, so that no change falls between the read and the first one sent.
     let feed = state.events.subscribe(Topic::Order(id), authority(&user));
@@ -195,6 +216,7 @@ async fn my_order_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
+    limit_openings(&state, &user).await?;
     let slot = state.events.open(user.user_id).await?;
     let feed = state
         .events

@@ -315,3 +315,37 @@ async fn opening_streams_in_a_loop_is_rate_limited_over_both_event_routes(pool: 
         json!({"detail": "Rate limit exceeded. Try again later."})
     );
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_user_opening_streams_from_many_addresses_is_rate_limited_as_one(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| {
+        limited(config);
+        config.trust_proxy_hops = Some(1);
+    })
+    .await;
+    let user = app.new_user().await;
+    let open = |n: usize, token: &str| {
+        reqwest::Client::new()
+            .get(app.url("/orders/events"))
+            .bearer_auth(token.to_owned())
+            // Each from an address of its own: the limit per client never applies.
+            .header(
+                "X-Forwarded-For",
+                format!("10.1.{}.{}", n / 250, n % 250 + 1),
+            )
+            .send()
+    };
+    for n in 0..30 {
+        let response = open(n, &user.access).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "stream {n}");
+    }
+    let refused = open(30, &user.access).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry_after(&refused) >= 1);
+    // Another user is not held back by it.
+    let other = app.new_user().await;
+    assert_eq!(
+        open(31, &other.access).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
