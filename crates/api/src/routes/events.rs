@@ -146,7 +146,7 @@ async fn events_cookie_for_browsers(
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 404, body = ErrorBody, description = "No such order of yours"),
         (status = 422, body = ValidationErrorBody, description = "Malformed id or Last-Event-ID"),
-        (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already", headers(("Retry-After" = u64))),
+        (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already, or 30 streams were opened in the last minute by this client or this user (RATE_LIMIT_OPEN_STREAM_PER_MINUTE)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL unavailable, or this server holds SSE_MAX_STREAMS streams", headers(("Retry-After" = u64))),
     ))]
 async fn order_events(
@@ -207,7 +207,7 @@ async fn order_events(
         (status = 200, content_type = "text/event-stream", body = String, description = "Events `status`, each with `id` and the order as JSON `data`", example = json!("event: status\nid: 42\ndata: {\"id\":\"01a2…\",\"status\":\"PROCESSING\",…}\n\n")),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 422, body = ValidationErrorBody, description = "Malformed Last-Event-ID"),
-        (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already", headers(("Retry-After" = u64))),
+        (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already, or 30 streams were opened in the last minute by this client or this user (RATE_LIMIT_OPEN_STREAM_PER_MINUTE)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL unavailable, or this server holds SSE_MAX_STREAMS streams", headers(("Retry-After" = u64))),
     ))]
 async fn my_order_events(
