@@ -426,7 +426,7 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
         create(&app, &user.access).await,
     );
     // The listener is up (and has had the streams catch up) before the stream opens: the first cancel comes live.
-    let listening = listener_pid(&app, None).await;
+    let listening = listener_pid(&app.db, None).await;
     let mut stream = Stream::start(&app, &user.access, "/orders/events", None).await;
     assert_eq!(
         app.cancel(&user.access, &first).await.status(),
@@ -443,7 +443,7 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
         .execute(&app.db)
         .await
         .unwrap();
-    listener_pid(&app, Some(listening)).await;
+    listener_pid(&app.db, Some(listening)).await;
     // Time for the catch-up's read, which would bring the first cancel back.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -467,14 +467,14 @@ async fn after_the_listener_reconnects_a_users_stream_sends_no_change_twice(pool
 
 /// The backend pid of the api's `LISTEN order_events` connection (this test's database is its own), once there
 /// is one and it is not `not`.
-async fn listener_pid(app: &TestApp, not: Option<i32>) -> i32 {
+pub async fn listener_pid(db: &PgPool, not: Option<i32>) -> i32 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let pids: Vec<i32> = sqlx::query_scalar(
             "select pid from pg_stat_activity
              where datname = current_database() and query like 'LISTEN%order_events%'",
         )
-        .fetch_all(&app.db)
+        .fetch_all(db)
         .await
         .unwrap();
         if let [pid] = pids[..]

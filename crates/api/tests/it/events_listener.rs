@@ -16,7 +16,10 @@ use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestApp, database_url_of, json, test_config};
+use crate::{
+    events::listener_pid,
+    helpers::{TestApp, database_url_of, json, test_config},
+};
 
 /// The longest a change may take to reach a stream when the listener's connection went silent just before it was
 /// committed: a probe at most [`PROBE_INTERVAL`] later, its [`PROBE_DEADLINE`], then a new connection and the
@@ -194,31 +197,6 @@ impl Events {
                 None => panic!("the server ended the stream before {order} was {status}"),
             }
         }
-    }
-}
-
-/// The backend pid of the app's `LISTEN order_events` connection (the test's database is its own), once there is
-/// one and it is not `not`.
-async fn listener_pid(db: &PgPool, not: Option<i32>) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "select pid from pg_stat_activity
-             where datname = current_database() and query like 'LISTEN%order_events%'",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap();
-        if let [pid] = pids[..]
-            && Some(pid) != not
-        {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no listener (other than {not:?}): {pids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

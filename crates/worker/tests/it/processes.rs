@@ -129,12 +129,7 @@ async fn the_worker_serves_metrics_and_logs_the_order_id(db: PgPool) {
         || async { status_of(&db, id).await == OrderStatus::Completed },
     )
     .await;
-    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(metrics_addr).await;
     for series in [
         r#"worker_jobs_total{outcome="completed"} 1"#,
         r#"worker_jobs_total{outcome="failed"} 0"#,
@@ -277,17 +272,11 @@ async fn worker_logs_with(
         format!(r#"version="{version}""#),
         format!(r#"maxmemory_policy="{policy}""#),
     ];
-    let metrics_url = format!("http://{metrics_addr}/metrics");
     wait_until(
         Duration::from_secs(20),
         "redis_server_info on the worker's /metrics",
         || async {
-            let metrics = reqwest::get(&metrics_url)
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = scrape(metrics_addr).await;
             redis_server_info(&metrics).is_some_and(|line| {
                 line.ends_with("} 1") && expected.iter().all(|label| line.contains(label.as_str()))
             })
@@ -350,14 +339,19 @@ fn json_field<'a>(line: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {line}"))
 }
 
-/// The value of each `queue_unreadable_entries_total` series on the worker's `/metrics`, by problem.
-async fn unreadable_entries(metrics_addr: SocketAddr) -> Vec<(String, u64)> {
-    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+/// The worker's `/metrics` text.
+async fn scrape(metrics_addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The value of each `queue_unreadable_entries_total` series on the worker's `/metrics`, by problem.
+async fn unreadable_entries(metrics_addr: SocketAddr) -> Vec<(String, u64)> {
+    let metrics = scrape(metrics_addr).await;
     metrics
         .lines()
         .filter_map(|line| line.strip_prefix(r#"queue_unreadable_entries_total{problem=""#))
