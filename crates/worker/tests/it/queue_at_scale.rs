@@ -341,6 +341,8 @@ async fn apalis_redis_stores_jobs_and_workers_where_the_housekeeping_looks(db: P
     settings.order_stage_delay_ms = 3000;
     settings.order_lease_ms = 10_000;
     settings.reconcile_interval_ms = 600_000;
+    // Room for the job to finish and its acknowledgement to be flushed after the stop, however loaded the machine.
+    settings.worker_shutdown_timeout_ms = 30_000;
     let (stop, running) = spawn_worker(&db, &queue.config, settings);
     wait_until(
         Duration::from_secs(10),
