@@ -387,6 +387,10 @@ async fn a_change_made_while_the_listener_is_down_still_reaches_the_stream(pool:
                 .unwrap();
         }
     };
+    // The requests below must find an open connection in the pool: warm it (the api's own periodic reads, such as
+    // the check of its streams' sessions, may hold one at that moment).
+    let warm = join_all((0..4).map(|_| app.db.acquire())).await;
+    drop(warm);
     // New connections to this database are refused (the pool's open ones stay), then the api's LISTEN connection
     // (the one waiting on the order_events channel) is terminated: its reconnects fail for now.
     allow_connections(false).await;
