@@ -54,13 +54,13 @@ pub struct Shared {
     pub enqueue_timeout: Duration,
     /// Longest life of a session (`SESSION_MAX_DAYS`).
     pub session_max: Duration,
-    /// Login attempts allowed per account and window (`LOGIN_MAX_FAILURES`).
+    /// Login attempts allowed per account, client and window (`LOGIN_MAX_FAILURES`); ten times as many per account.
     pub login_max_failures: u32,
     /// Live order status: the listener's signals and the bounds on open streams.
     pub events: Arc<crate::events::Hub>,
     /// The per-user limit on opening event streams (`RATE_LIMIT_OPEN_STREAM_PER_MINUTE`), counted in Redis; `None`
     /// when rate limits are off or not shared (the per-client limit of the routes still holds).
     pub stream_openings: Option<(crate::rate_limit::shared::SharedLimits, u32)>,
-    /// What the last readiness probe found (bit 0: PostgreSQL down, bit 1: Redis down, bit 2: the live-status listener down), to log changes only.
-    pub readiness: Arc<std::sync::atomic::AtomicU8>,
+    /// The last readiness probe, reused for a second.
+    pub readiness: crate::routes::health::Readiness,
 }

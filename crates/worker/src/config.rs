@@ -27,7 +27,7 @@ pub struct Config {
 
     /// Where `GET /metrics` (Prometheus) listens; `off` to disable. (`api --with-worker` serves the worker's
     /// metrics on the api's own `/metrics` instead.)
-    #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "0.0.0.0:9000")]
+    #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "127.0.0.1:9000")]
     pub worker_metrics_addr: String,
 }
 

@@ -5,7 +5,10 @@
 //! [`LISTENER_DOWN_AFTER`](crate::events::listener::LISTENER_DOWN_AFTER) keeps its streams open, heartbeats and
 //! all, while no change reaches them: it is taken out of rotation like one that cannot reach PostgreSQL.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU8, Ordering},
+    time::{Duration, Instant},
+};
 
 use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde::Serialize;
@@ -16,6 +19,47 @@ use crate::state::AppState;
 
 /// How long readiness waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a probe's result answers readiness checks before the next one probes again.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
+
+/// The last probe of PostgreSQL and Redis, shared by the readiness checks of one process. The check needs no
+/// token, so a flood of them must not each take a pool connection and a Redis round trip: one probe at most per
+/// `PROBE_REUSE` is made, and the checks that arrive meanwhile (or wait on it) answer from its result.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    last: tokio::sync::Mutex<Option<(Instant, Probed)>>,
+    /// What the last answer found (bit 0: PostgreSQL down, bit 1: Redis down, bit 2: the live-status listener
+    /// down), to log changes only.
+    reported: AtomicU8,
+}
+
+/// Whether each dependency answered.
+#[derive(Debug, Clone, Copy)]
+struct Probed {
+    postgres: bool,
+    redis: bool,
+}
+
+impl Readiness {
+    /// The result of a probe made less than [`PROBE_REUSE`] ago, or of a new one.
+    async fn probe(&self, state: &AppState) -> Probed {
+        let mut last = self.last.lock().await;
+        if let Some((at, probed)) = *last
+            && at.elapsed() < PROBE_REUSE
+        {
+            return probed;
+        }
+        let postgres = async {
+            let query = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
+            matches!(tokio::time::timeout(PROBE_TIMEOUT, query).await, Ok(Ok(_)))
+        };
+        let redis = state.queue.ping(PROBE_TIMEOUT);
+        let (postgres, redis) = tokio::join!(postgres, redis);
+        let probed = Probed { postgres, redis };
+        *last = Some((Instant::now(), probed));
+        probed
+    }
+}
 
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -72,19 +116,15 @@ pub struct Ready {
 /// Readiness: 200 when PostgreSQL and Redis answer and the live-status listener listens, else 503 naming what failed.
 ///
 /// The 503 body is `{"detail", "postgres", "redis", "events"}`: `detail` names what failed, the others are as in
-/// the 200 body. `events` is `down` once the listener has gone 10 s without listening (it finds a silent connection
+/// the 200 body. PostgreSQL and Redis are probed at most once a second per process; checks in between answer from
+/// the last probe. `events` is `down` once the listener has gone 10 s without listening (it finds a silent connection
 /// within 5 s and replaces it at once, so a shorter gap is not reported).
 #[utoipa::path(get, path = "/health/ready", tag = "health", responses(
     (status = 200, body = Ready, description = "PostgreSQL and Redis answer, and the live-status listener listens"),
     (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL or Redis is unreachable, or the live-status listener has been down for 10 s; `detail` names it"),
 ))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let postgres = async {
-        let query = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
-        matches!(tokio::time::timeout(PROBE_TIMEOUT, query).await, Ok(Ok(_)))
-    };
-    let redis = state.queue.ping(PROBE_TIMEOUT);
-    let (postgres, redis) = tokio::join!(postgres, redis);
+    let Probed { postgres, redis } = state.readiness.probe(&state).await;
     let events = !state.events.listener.is_down();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let events_word = if events { "ok" } else { "down" };
@@ -102,9 +142,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
     // Probes come every few seconds: log a change of state, not every probe.
     let state_now = u8::from(!postgres) | (u8::from(!redis) << 1) | (u8::from(!events) << 2);
-    let state_before = state
-        .readiness
-        .swap(state_now, std::sync::atomic::Ordering::Relaxed);
+    let state_before = state.readiness.reported.swap(state_now, Ordering::Relaxed);
     if failed.is_empty() {
         if state_before != 0 {
             tracing::info!(

@@ -3,14 +3,19 @@
 use std::{
     process::{Command, Stdio},
     sync::mpsc,
+    time::{Duration, Instant},
 };
 
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::helpers::{
-    KillOnDrop, PASSWORD, TestApp, database_url_of, forward_lines, json, listening_address,
+use crate::{
+    helpers::{
+        KillOnDrop, PASSWORD, TestApp, database_url_of, forward_lines, json, listening_address,
+    },
+    own_redis::OwnRedis,
 };
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -270,4 +275,60 @@ async fn metrics_show_the_version_and_eviction_policy_of_the_redis_in_use(pool: 
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// How many PINGs the Redis server at `url` has answered.
+async fn pings_answered(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_flood_of_readiness_checks_probes_the_dependencies_at_most_once_a_second(pool: PgPool) {
+    let mut redis = OwnRedis::new();
+    redis.start().await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(pool, |config| config.queue.redis_url = url.clone()).await;
+    let ready = app.url("/health/ready");
+
+    let before = pings_answered(&url).await;
+    let started = Instant::now();
+    let mut answered = 0;
+    for _ in 0..5 {
+        let round = join_all((0..40).map(|_| app.client.get(&ready).send())).await;
+        for response in round {
+            assert_eq!(response.unwrap().status(), StatusCode::OK);
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let probes = pings_answered(&url).await - before;
+    println!("{answered} readiness checks in {seconds:.1} s made {probes} Redis probes");
+    assert!(probes >= 1, "no probe at all");
+    assert!(
+        probes as f64 <= seconds.ceil() + 1.0,
+        "{answered} readiness checks in {seconds:.1} s made {probes} Redis probes"
+    );
+
+    // A result is reused for a second only: Redis gone, readiness says so soon after.
+    redis.stop();
+    let mut status = StatusCode::OK;
+    for _ in 0..40 {
+        status = app.client.get(&ready).send().await.unwrap().status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }

@@ -105,6 +105,37 @@ async fn the_21st_order_created_in_a_minute_is_refused_with_retry_after(pool: Pg
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_61st_read_of_an_order_in_a_minute_is_refused_with_retry_after(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, limited).await;
+    let user = app.new_user().await;
+    let order = app.create_widget(&user.access).await;
+    let path = format!("/orders/{order}");
+    // A burst of 60, then one more every second: polling an order once a second is never refused.
+    let reads = join_all((0..60).map(|_| app.get(&user.access, &path))).await;
+    for (i, response) in reads.iter().enumerate() {
+        assert_eq!(response.status(), StatusCode::OK, "read {}", i + 1);
+    }
+    let refused = app.get(&user.access, &path).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!((1..=2).contains(&retry_after(&refused)));
+    assert_eq!(
+        json(refused).await,
+        json!({"detail": "Rate limit exceeded. Try again later."})
+    );
+    // Unknown ids count too: the limit is the route's, not the order's.
+    let other = format!("/orders/{}", uuid::Uuid::now_v7());
+    assert_eq!(
+        app.get(&user.access, &other).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Cancelling has its own budget.
+    assert_eq!(
+        app.cancel(&user.access, &order).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_forged_forwarded_for_does_not_reset_the_count(pool: PgPool) {
     let app = TestApp::spawn_with(pool, limited).await;
     for i in 0..5 {
