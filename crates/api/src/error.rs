@@ -111,9 +111,14 @@ pub enum ApiError {
     /// 503: the process holds as many event streams as `SSE_MAX_STREAMS` allows.
     #[error("event streams full")]
     StreamsFull,
-    /// 503: PostgreSQL or Redis is unreachable or too slow.
+    /// 503 with `Retry-After`: PostgreSQL or Redis is unreachable or too slow. A create answered so was not
+    /// created.
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: as many requests wait for a database statement as `BATCH_MAX_WAITING` allows;
+    /// refused before anything was written.
+    #[error("too many requests waiting for the database")]
+    Busy,
     /// 500: a bug. Logged with its cause; the client sees a generic message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -141,6 +146,10 @@ impl From<BatchError> for ApiError {
         match err {
             BatchError::Database(err) if is_unavailable(&err) => Self::Unavailable(err.to_string()),
             BatchError::Database(err) => Self::Internal(err.into()),
+            BatchError::Expired => Self::Unavailable(
+                "the request's time ran out before its statement committed".into(),
+            ),
+            BatchError::Full => Self::Busy,
             BatchError::Abandoned => Self::Internal(err.into()),
         }
     }
@@ -165,6 +174,9 @@ fn is_unavailable(err: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// The `Retry-After` of a 503 for an outage or an overload, in seconds: a hint to space retries, not a promise.
+const RETRY_AFTER_UNAVAILABLE: u64 = 1;
 
 fn detail(status: StatusCode, detail: impl Into<String>) -> Response {
     (
@@ -237,7 +249,23 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable(cause) => {
                 tracing::warn!(%cause, "dependency unavailable");
-                detail(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+                let mut response = detail(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable");
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(RETRY_AFTER_UNAVAILABLE),
+                );
+                response
+            }
+            Self::Busy => {
+                let mut response = detail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Too many requests are waiting for the database. Try again later.",
+                );
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(RETRY_AFTER_UNAVAILABLE),
+                );
+                response
             }
             Self::Internal(err) => {
                 tracing::error!(error = ?err, "internal error");

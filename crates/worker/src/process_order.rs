@@ -15,7 +15,7 @@ use orders_core::{
     domain::{OrderId, OrderStatus},
 };
 
-use orders_core::db::batch::{BatchError, Batcher};
+use orders_core::db::batch::{BatchError, Batcher, Limits};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -262,8 +262,9 @@ impl Processor {
     }
 }
 
-/// A batcher of attempts over `db`, running at most [`BATCHES_IN_FLIGHT`] statements at once.
-fn batcher<O, F, Fut>(db: &PgPool, run: F) -> Batcher<Attempt, O>
+/// A batcher of attempts over `db`, running at most [`BATCHES_IN_FLIGHT`] statements at once. No bound on the
+/// attempts waiting: there are at most `WORKER_CONCURRENCY` jobs, each waiting on one attempt at a time.
+fn batcher<O, F, Fut>(db: &PgPool, run_abandoned: bool, run: F) -> Batcher<Attempt, O>
 where
     O: Send + 'static,
     F: Fn(PgPool, Vec<Attempt>) -> Fut + Send + Sync + 'static,
@@ -271,18 +272,29 @@ where
 {
     let pool = usize::try_from(db.options().get_max_connections()).unwrap_or(1);
     let db = db.clone();
-    Batcher::spawn(MAX_BATCH, BATCHES_IN_FLIGHT.min(pool), move |batch| {
-        run(db.clone(), batch)
-    })
+    let limits = Limits {
+        run_abandoned,
+        ..Limits::new(MAX_BATCH, BATCHES_IN_FLIGHT.min(pool))
+    };
+    Batcher::spawn(limits, move |batch, _gate| run(db.clone(), batch))
 }
 
 /// Claims in batches: each attempt gets its order's previous status if its token won the order.
+///
+/// The claim of a job that is gone (its future dropped: a shutdown that timed out, a consumer stopped) before its
+/// batch formed is not run: nobody would work on the order, which would sit `PROCESSING` until its lease ran out
+/// and count an attempt. One already in a running statement is not held back at its commit (no [`Gate`] here)
+/// and that is harmless: a claim only sets a lease nobody renews, so the order is taken over when the lease
+/// expires and the reconciler re-pushes it, exactly as after a worker killed between its claim and its
+/// completion; the attempt it counted is one a crash would have counted too.
+///
+/// [`Gate`]: orders_core::db::batch::Gate
 fn claim_batcher(
     db: &PgPool,
     lease: Duration,
     max_attempts: i32,
 ) -> Batcher<Attempt, Option<OrderStatus>> {
-    batcher(db, move |db, batch| async move {
+    batcher(db, false, move |db, batch| async move {
         let claimed = db::claim_for_processing(&db, &batch, lease, max_attempts).await?;
         Ok(batch
             .iter()
@@ -297,8 +309,13 @@ fn claim_batcher(
 }
 
 /// Completions in batches: each attempt learns whether its token still held the order.
+///
+/// A completion is run even when its job is gone by then: it comes after both stages, so the work is done, and
+/// the update applies only while the attempt's token still holds the order's lease. Completing it is what the
+/// job was about to do; leaving it would have the order redone from the start after its lease. A job that comes
+/// again for the order (a retry, the reconciler's re-push) finds it `COMPLETED` and skips it.
 fn completion_batcher(db: &PgPool) -> Batcher<Attempt, bool> {
-    batcher(db, |db, batch| async move {
+    batcher(db, true, |db, batch| async move {
         let completed = db::complete_processing(&db, &batch).await?;
         Ok(batch
             .iter()

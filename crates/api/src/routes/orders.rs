@@ -1,7 +1,7 @@
 //! Orders: create (idempotent with `Idempotency-Key`), list mine, get one, cancel.
 
 use axum::{
-    Json as JsonResponse,
+    Extension, Json as JsonResponse,
     extract::State,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -9,18 +9,19 @@ use axum::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Datelike, Utc};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use orders_core::{
     db::{
         KeptConnections,
-        batch::{BatchError, Batcher},
+        batch::{BatchError, Batcher, Gate, Limits},
         orders::{self as db, CancelError, NewOrder, OrderCursor, PageRequest},
     },
     domain::{Amount, Order, OrderId, OrderStatus, ProductName},
     queue::{Admission, OrderQueue},
 };
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use tracing::Span;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -33,6 +34,7 @@ use crate::{
     extract::{Fields, FromFields, IdempotencyKeyHeader, Json, OrderPath, Query},
     loc,
     rate_limit::RouteLimits,
+    startup::RequestDeadline,
     state::AppState,
 };
 
@@ -54,7 +56,11 @@ pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<App
             "cancel_order",
             limits.rate_limit_cancel_order_per_minute,
         ))
-        .routes(routes!(get_order))
+        .merge(per_route.apply(
+            OpenApiRouter::new().routes(routes!(get_order)),
+            "get_order",
+            limits.rate_limit_get_order_per_minute,
+        ))
 }
 
 /// An order, as the API shows it.
@@ -140,7 +146,8 @@ impl FromFields for CreateOrderRequest {
 ///
 /// With an Idempotency-Key header, a repeat of the same request returns the first order (200) instead of
 /// creating another; the same key with another body is refused (409). Send one: it makes a retry after a
-/// timeout or a lost connection safe, where a retry without it may create a second order.
+/// lost connection safe, where a retry without it may create a second order. A 503 means that the order was
+/// not created, then or later: retry after Retry-After.
 #[utoipa::path(post, path = "/orders/create", tag = "orders", security(("bearer" = [])),
     request_body = CreateOrderRequest,
     params(IdempotencyKeyParam),
@@ -152,10 +159,11 @@ impl FromFields for CreateOrderRequest {
         (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
         (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (20/min)", headers(("Retry-After" = u64))),
-        (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
+        (status = 503, body = ErrorBody, description = "Not created: PostgreSQL unavailable or too slow, or too many creates waiting", headers(("Retry-After" = u64))),
     ))]
 async fn create_order(
     State(state): State<AppState>,
+    request_deadline: Option<Extension<RequestDeadline>>,
     user: AuthUser,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     Json(body): Json<CreateOrderRequest>,
@@ -173,9 +181,17 @@ async fn create_order(
             Admission::Deferred
         }
     };
-    // From the insert on, the work runs in the create batcher's task: neither the request timeout nor a client
-    // that hangs up can cut it between the commit and the push, and its budget (a pool wait, one statement, one
-    // push) is inside the request timeout (see `Config::request_timeout`).
+    // The insert runs in the create batcher's task, and commits only while this request still waits: until the
+    // deadline below, or until a client that hangs up drops this future. What the deadline leaves of the request
+    // time covers the commit and the push, so that a create that committed is answered 201 before the request
+    // timeout, and one answered 503 was never inserted (see `Batcher::run_until`).
+    let deadline = request_deadline
+        .map_or_else(
+            || Instant::now() + REQUEST_TIME_WITHOUT_TIMEOUT,
+            |Extension(RequestDeadline(at))| at,
+        )
+        .checked_sub(state.enqueue_timeout + COMMIT_MARGIN)
+        .unwrap_or_else(Instant::now);
     let new = NewOrder::new(
         user.user_id,
         product_name.clone(),
@@ -186,7 +202,7 @@ async fn create_order(
     // The batch logs "order created" in the request's span, so the line carries the request id.
     let order = state
         .creates
-        .run((new, tracing::Span::current()))
+        .run_until((new, tracing::Span::current()), deadline)
         .await
         .map_err(|err| match err {
             BatchError::Database(db)
@@ -221,10 +237,22 @@ async fn create_order(
 /// Most orders one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
 
+/// What a create keeps of its request time after its insert's deadline, besides the push (`ENQUEUE_TIMEOUT_MS`):
+/// the commit, and the answer.
+const COMMIT_MARGIN: Duration = Duration::from_millis(500);
+
+/// The request time of a create served without the request timeout's deadline (a router without that layer).
+const REQUEST_TIME_WITHOUT_TIMEOUT: Duration = Duration::from_millis(4500);
+
 /// Group commit for creates: the orders of concurrent requests are inserted with one statement and one commit,
 /// then the jobs of those admitted to the queue are pushed in one round trip. A lone request is not delayed: a
 /// batch is whatever waits when one of `slots` statement slots is free. A batch that fails is retried order by
 /// order, so that a bad row (a deleted user) fails only its own request.
+///
+/// At most `max_waiting` creates wait for a slot; one more is refused at once (503, nothing written). A create
+/// is committed only while its request still waits: the insert runs in a transaction whose statement timeout is
+/// the batch's deadline (at most `statement_timeout`), and the gate refuses the commit, and the batch is run
+/// again without it, if a request gave up meanwhile (see `db::batch`).
 ///
 /// Once the insert has committed nothing fails: a failed push forgets `enqueued_at` (in the background,
 /// bounded), and the reconciler queues those orders.
@@ -232,41 +260,55 @@ pub fn create_batcher(
     db: PgPool,
     queue: OrderQueue,
     enqueue_timeout: Duration,
+    statement_timeout: Duration,
     slots: usize,
+    max_waiting: usize,
 ) -> Batcher<(NewOrder, Span), Option<Order>> {
-    Batcher::spawn(
-        MAX_CREATE_BATCH,
-        slots,
-        move |batch: Vec<(NewOrder, Span)>| {
-            let (db, queue) = (db.clone(), queue.clone());
-            async move {
-                let (orders, spans): (Vec<NewOrder>, Vec<Span>) = batch.into_iter().unzip();
-                let inserted = db::insert_orders(&db, &orders).await?;
-                let mut pushed = Vec::with_capacity(orders.len());
-                for ((new, span), order) in orders.iter().zip(&spans).zip(&inserted) {
-                    let Some(order) = order else { continue };
-                    metrics::counter!("orders_created_total").increment(1);
-                    span.in_scope(|| tracing::info!(order_id = %order.id, user_id = %order.user_id, "order created"));
-                    if new.enqueued {
-                        pushed.push(order.id);
-                    } else {
-                        metrics::counter!("orders_deferred_total").increment(1);
-                        tracing::debug!(order_id = %order.id, "queue full or backlog waiting: the reconciler will queue the order");
-                    }
-                }
-                if let Err(err) = queue.push_orders(&pushed, enqueue_timeout).await {
-                    tracing::warn!(orders = pushed.len(), error = %err, "could not queue new orders; the reconciler will");
-                    tokio::spawn(async move {
-                        // Without this the reconciler still re-pushes them, RECONCILE_REDELIVER_AFTER_MS later.
-                        if let Err(err) = db::clear_enqueued(&db, &pushed).await {
-                            tracing::debug!(error = %err, "cannot clear enqueued_at; the orders are re-pushed by age");
-                        }
-                    });
-                }
-                Ok(inserted)
+    let limits = Limits {
+        max_waiting,
+        ..Limits::new(MAX_CREATE_BATCH, slots)
+    };
+    Batcher::spawn(limits, move |batch: Vec<(NewOrder, Span)>, gate: Gate| {
+        let (db, queue) = (db.clone(), queue.clone());
+        async move {
+            let (orders, spans): (Vec<NewOrder>, Vec<Span>) = batch.into_iter().unzip();
+            let mut conn = gate.acquire(&db).await?;
+            let mut tx = conn
+                .begin_with(gate.begin_until_deadline(statement_timeout))
+                .await?;
+            let inserted = db::insert_orders(&mut *tx, &orders).await?;
+            if !gate.take_all() {
+                // A request gave up while the insert ran: nothing is committed, and the batcher runs the
+                // insert again for the others.
+                tx.rollback().await?;
+                return Ok(Vec::new());
             }
-        },
-    )
+            tx.commit().await?;
+            drop(conn);
+            let mut pushed = Vec::with_capacity(orders.len());
+            for ((new, span), order) in orders.iter().zip(&spans).zip(&inserted) {
+                let Some(order) = order else { continue };
+                metrics::counter!("orders_created_total").increment(1);
+                span.in_scope(|| tracing::info!(order_id = %order.id, user_id = %order.user_id, "order created"));
+                if new.enqueued {
+                    pushed.push(order.id);
+                } else {
+                    metrics::counter!("orders_deferred_total").increment(1);
+                    tracing::debug!(order_id = %order.id, "queue full or backlog waiting: the reconciler will queue the order");
+                }
+            }
+            if let Err(err) = queue.push_orders(&pushed, enqueue_timeout).await {
+                tracing::warn!(orders = pushed.len(), error = %err, "could not queue new orders; the reconciler will");
+                tokio::spawn(async move {
+                    // Without this the reconciler still re-pushes them, RECONCILE_REDELIVER_AFTER_MS later.
+                    if let Err(err) = db::clear_enqueued(&db, &pushed).await {
+                        tracing::debug!(error = %err, "cannot clear enqueued_at; the orders are re-pushed by age");
+                    }
+                });
+            }
+            Ok(inserted)
+        }
+    })
 }
 
 /// Most pages one statement reads.
@@ -275,9 +317,20 @@ const MAX_PAGE_BATCH: usize = 32;
 /// Reads the pages of concurrent "my orders" requests with one statement (one per kind: with and without a
 /// status): one round trip and one pooled connection for many requests. A lone request is not delayed. Busy
 /// connections stay with the batcher between its statements (see [`KeptConnections`]).
-pub fn page_batcher(db: PgPool, slots: usize) -> Batcher<PageRequest, Vec<Order>> {
+///
+/// At most `max_waiting` requests wait for a slot; one more is answered 503 at once. A request that gave up
+/// (timed out, or its client hung up) before its batch formed is not read.
+pub fn page_batcher(
+    db: PgPool,
+    slots: usize,
+    max_waiting: usize,
+) -> Batcher<PageRequest, Vec<Order>> {
     let connections = KeptConnections::new(db);
-    Batcher::spawn(MAX_PAGE_BATCH, slots, move |batch: Vec<PageRequest>| {
+    let limits = Limits {
+        max_waiting,
+        ..Limits::new(MAX_PAGE_BATCH, slots)
+    };
+    Batcher::spawn(limits, move |batch: Vec<PageRequest>, _gate: Gate| {
         let connections = connections.clone();
         async move {
             let mut conn = connections.take().await?;
@@ -377,7 +430,7 @@ fn decode_cursor(raw: &str) -> Option<OrderCursor> {
     (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
     (status = 422, body = ValidationErrorBody, description = "Bad status, limit or cursor"),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (30/min)", headers(("Retry-After" = u64))),
-    (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
+    (status = 503, body = ErrorBody, description = "PostgreSQL unavailable or too slow, or too many reads waiting", headers(("Retry-After" = u64))),
 ))]
 async fn list_my_orders(
     State(state): State<AppState>,
@@ -517,6 +570,7 @@ fn write_order(out: &mut Vec<u8>, order: &Order) -> serde_json::Result<()> {
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 404, body = ErrorBody, description = "No such order of yours"),
         (status = 422, body = ValidationErrorBody, description = "Malformed id"),
+        (status = 429, body = ErrorBody, description = "Rate limit exceeded (60/min)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]
 async fn get_order(

@@ -15,6 +15,7 @@ mod helpers;
 mod observability;
 mod openapi;
 mod orders;
+mod overload;
 #[path = "../../../worker/tests/it/own_redis.rs"]
 mod own_redis;
 mod pgbouncer;
