@@ -9,8 +9,8 @@ use axum::{
 use chrono::{DateTime, Utc};
 use orders_core::{
     db::{
-        login_attempts::{self, Throttle},
-        sessions::{self, NewRefreshToken, Redeemed},
+        login_attempts::{self, Limits, Throttle},
+        sessions::{self, LoggedOut, NewRefreshToken, Redeemed},
         users::{self, InsertUserError},
     },
     domain::{Email, Invalid, User, UserId, UserName},
@@ -31,7 +31,7 @@ use crate::{
     config::RateLimits,
     error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
     extract::{Fields, FromFields, Json, OptionalJson},
-    rate_limit::RouteLimits,
+    rate_limit::{ClientKey, RouteLimits},
     state::AppState,
 };
 
@@ -44,7 +44,9 @@ pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<App
             limits.rate_limit_register_per_minute,
         ))
         .merge(per_route.apply(
-            OpenApiRouter::new().routes(routes!(login)),
+            OpenApiRouter::new().routes(routes!(login)).layer(
+                axum::middleware::from_fn_with_state(per_route.key, identify_client),
+            ),
             "login",
             limits.rate_limit_login_per_minute,
         ))
@@ -278,8 +280,30 @@ fn tokens_response(pair: IssuedPair) -> Response {
 
 const INVALID_CREDENTIALS: &str = "Invalid credentials";
 
-/// The login throttle's window: at most `LOGIN_MAX_FAILURES` attempts per account in it.
+/// The login throttle's window: at most `LOGIN_MAX_FAILURES` attempts per account and client in it.
 pub const LOGIN_THROTTLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// An account's attempts over all clients in a window, as a multiple of `LOGIN_MAX_FAILURES`, past which only
+/// clients new to the account get their password checked (100 by default).
+pub const LOGIN_ACCOUNT_BUDGET_FACTOR: u32 = 10;
+
+/// The client a login counts against in the throttle: the address the rate limits key it by (see [`ClientKey`]).
+#[derive(Debug, Clone)]
+struct LoginClient(String);
+
+/// Names the client of a request for the login throttle, as the rate limits name it.
+async fn identify_client(
+    State(key): State<ClientKey>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // Without a peer address (never the case when served), every such request shares one name.
+    let client = key
+        .client(&request)
+        .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    request.extensions_mut().insert(LoginClient(client));
+    next.run(request).await
+}
 
 /// Logs in: a token pair in the body and the refresh token in an HttpOnly cookie (starts a new session).
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest, responses(
@@ -287,23 +311,25 @@ pub const LOGIN_THROTTLE_WINDOW: std::time::Duration = std::time::Duration::from
     (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)"),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
     (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
-    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min per client), or too many attempts for this account (10 per 15 min, whether or not it exists; a successful login resets the count)", headers(("Retry-After" = u64))),
+    (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min per client), or too many attempts for this account from this client (10 per 15 min, whether or not the account exists; a successful login resets the count), or, once the account has had 100 attempts in 15 min, any attempt from a client that has already tried it", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn login(
     State(state): State<AppState>,
+    axum::Extension(LoginClient(client)): axum::Extension<LoginClient>,
     Json(body): Json<LoginRequest>,
 ) -> ApiResult<Response> {
     let email = body.email;
-    // Counted before the password is checked, known email or not: guesses spread over many addresses stop at
-    // the account's limit, and the answer tells nothing about which accounts exist.
-    let throttle = login_attempts::count_attempt(
-        &state.db,
-        &email,
-        state.login_max_failures,
-        LOGIN_THROTTLE_WINDOW,
-    )
-    .await?;
+    // Counted before the password is checked, known email or not: parallel guesses cannot slip past the limits,
+    // a refused attempt costs no hash, and the answer tells nothing about which accounts exist.
+    let limits = Limits {
+        per_client: state.login_max_failures,
+        per_account: state
+            .login_max_failures
+            .saturating_mul(LOGIN_ACCOUNT_BUDGET_FACTOR),
+        window: LOGIN_THROTTLE_WINDOW,
+    };
+    let throttle = login_attempts::count_attempt(&state.db, &email, &client, limits).await?;
     if let Throttle::Blocked { until } = throttle {
         tracing::warn!("login throttled: too many attempts for one account");
         metrics::counter!("logins_throttled_total").increment(1);
@@ -319,8 +345,8 @@ async fn login(
     let Some(user_id) = user_id.filter(|_| valid) else {
         return Err(ApiError::Unauthorized(INVALID_CREDENTIALS));
     };
+    login_attempts::succeeded(&state.db, &email, &client).await?;
     let mut conn = state.db.acquire().await?;
-    login_attempts::reset(&mut *conn, &email).await?;
     let session_end = Utc::now() + state.session_max;
     let tokens = issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7(), session_end).await?;
     tracing::info!(%user_id, "user logged in");
@@ -383,7 +409,7 @@ async fn refresh(
             Ok(tokens_response(tokens))
         }
         Redeemed::Reused { family_id } => {
-            sessions::revoke_family(&mut *tx, family_id).await?;
+            sessions::revoke_family(&mut tx, family_id).await?;
             tx.commit().await?;
             tracing::warn!(user_id = %claims.sub, %family_id, "refresh token reused: session revoked");
             Err(ApiError::Unauthorized(INVALID_REFRESH))
@@ -393,12 +419,13 @@ async fn refresh(
 }
 
 /// Ends the session a refresh token belongs to: its refresh tokens stop working, and its event streams end
-/// within 2 s on every api process.
+/// within 2 s on every api process. Idempotent: a refresh token of this user that has not expired gets 204 again,
+/// whether its session is already revoked or its rows are already purged.
 ///
 /// Access tokens already issued stay valid until they expire (ACCESS_TOKEN_EXPIRE_MINUTES, 15 by default).
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
-    (status = 204, description = "Session revoked; the refresh token and event-stream cookies are cleared"),
-    (status = 401, body = ErrorBody, description = "Missing or invalid access token, or a refresh token that is not this user's"),
+    (status = 204, description = "Session revoked (or already ended); the refresh token and event-stream cookies are cleared"),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token, a missing, invalid or expired refresh token, or one that is not this user's"),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
     (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
@@ -410,12 +437,26 @@ async fn logout(
     OptionalJson(body): OptionalJson<RefreshRequest>,
 ) -> ApiResult<Response> {
     let token = presented_refresh_token(&headers, body)?;
-    state
+    let claims = state
         .jwt
         .verify(&token, TokenKind::Refresh)
         .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
-    if !sessions::revoke_session_of(&state.db, &token_hash(&token), user.user_id).await? {
+    if claims.sub != user.user_id.0 {
         return Err(ApiError::Unauthorized(INVALID_REFRESH));
+    }
+    let mut tx = state.db.begin().await?;
+    match sessions::revoke_session_of(&mut tx, &token_hash(&token), user.user_id).await? {
+        LoggedOut::Revoked => tx.commit().await?,
+        // A token this service signed for this user and that has not expired, but whose row is gone: the purge
+        // deletes a session's tokens once it is revoked, so this session already ended. Idempotent: 204, unless
+        // the user is gone too (their tokens went with them).
+        LoggedOut::Unknown => {
+            drop(tx);
+            users::find_user(&state.db, user.user_id)
+                .await?
+                .ok_or(ApiError::Unauthorized("User no longer exists"))?;
+        }
+        LoggedOut::NotTheirs => return Err(ApiError::Unauthorized(INVALID_REFRESH)),
     }
     tracing::info!(user_id = %user.user_id, "user logged out");
     let mut response = StatusCode::NO_CONTENT.into_response();

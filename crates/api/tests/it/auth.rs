@@ -570,3 +570,178 @@ async fn the_access_token_of_a_deleted_user_is_refused_with_401(pool: PgPool) {
     assert_401(app.refresh(&tokens.refresh).await, "/auth/refresh").await;
     assert_eq!(app.count("orders").await, 0);
 }
+
+/// How many connections to the test's database wait for a lock (a row, a transaction, an advisory lock).
+async fn waiting_for_locks(db: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock'",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// Returns once `n` connections to the test's database wait for a lock.
+async fn until_waiting_for_locks(db: &PgPool, n: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while waiting_for_locks(db).await < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} requests ever waited for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Which request ends the session while a refresh in it is under way.
+#[derive(Clone, Copy, Debug)]
+enum Revocation {
+    /// A logout with the token being refreshed.
+    Logout,
+    /// The session's used first token presented again.
+    Reuse,
+}
+
+/// A refresh of a session's second token and a `revocation` of that session, in the order that let the session
+/// live on before refreshes and revocations took the session's lock: the refresh takes the token's row, then the
+/// revocation starts, then the refresh commits its next token. However they interleave, the session ends: the
+/// revocation gets its answer, and the token the refresh issued is refused, in PostgreSQL's eyes and the streams'.
+async fn race_a_refresh_against(app: &TestApp, revocation: Revocation) {
+    let login = app.new_user().await;
+    // The session's second token (its first is used): the one the refresh presents.
+    let renewed = json(app.refresh(&login.refresh).await).await;
+    let access = renewed["access_token"].as_str().unwrap().to_owned();
+    let refresh = renewed["refresh_token"].as_str().unwrap().to_owned();
+    let hash = Sha256::digest(refresh.as_bytes()).to_vec();
+    let session: Uuid =
+        sqlx::query_scalar("select family_id from refresh_tokens where token_hash = $1")
+            .bind(&hash)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let mut stream = crate::events::Stream::start(app, &access, "/orders/events", None).await;
+
+    // Hold the presented token's row, so that both requests queue behind it: the refresh first, then the other.
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("select 1 from refresh_tokens where token_hash = $1 for update")
+        .bind(&hash)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let refreshing = tokio::spawn(
+        app.client
+            .post(app.url("/auth/refresh"))
+            .json(&json!({"refresh_token": refresh}))
+            .send(),
+    );
+    until_waiting_for_locks(&app.db, 1).await;
+    let (revoking, revoked_status) = match revocation {
+        Revocation::Logout => (
+            app.client
+                .post(app.url("/auth/logout"))
+                .bearer_auth(&access)
+                .json(&json!({"refresh_token": refresh})),
+            StatusCode::NO_CONTENT,
+        ),
+        Revocation::Reuse => (
+            app.client
+                .post(app.url("/auth/refresh"))
+                .json(&json!({"refresh_token": login.refresh})),
+            StatusCode::UNAUTHORIZED,
+        ),
+    };
+    let revoking = tokio::spawn(revoking.send());
+    until_waiting_for_locks(&app.db, 2).await;
+    holder.rollback().await.unwrap();
+
+    let refreshed = refreshing.await.unwrap().unwrap();
+    let revoked = revoking.await.unwrap().unwrap();
+    assert_eq!(revoked.status(), revoked_status, "{revocation:?}");
+    // The refresh went first, so it got a pair; the revocation ended the session all the same.
+    assert_eq!(refreshed.status(), StatusCode::OK, "{revocation:?}");
+    let next = json(refreshed).await["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_401(
+        app.refresh(&next).await,
+        &format!("the refresh token issued during the {revocation:?}"),
+    )
+    .await;
+    let ended = orders_core::db::sessions::ended_sessions(&app.db, &[session])
+        .await
+        .unwrap();
+    assert_eq!(ended, [session], "{revocation:?}: the session is not over");
+    // And the stream opened in it ends, as after any revocation.
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.rest())
+        .await
+        .expect("the session's stream ends");
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_refresh_racing_a_logout_cannot_keep_the_session_alive(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    race_a_refresh_against(&app, Revocation::Logout).await;
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_refresh_racing_a_reuse_cannot_keep_the_session_alive(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    race_a_refresh_against(&app, Revocation::Reuse).await;
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn logout_stays_idempotent_after_the_revoked_session_is_purged(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let tokens = app.new_user().await;
+    let logout = |access: String| {
+        let request = app
+            .client
+            .post(app.url("/auth/logout"))
+            .bearer_auth(access)
+            .json(&json!({"refresh_token": tokens.refresh}));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(
+        logout(tokens.access.clone()).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    // Again while the revoked rows are there.
+    assert_eq!(
+        logout(tokens.access.clone()).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    // Again once the purge has deleted them.
+    let (purged, _) = api::startup::purge(&app.db).await.unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(app.count("refresh_tokens").await, 0);
+    let response = logout(tokens.access.clone()).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(
+        response.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    // The session stays over, and the token is still nobody else's to present.
+    assert_401(
+        app.refresh(&tokens.refresh).await,
+        "refresh after the purge",
+    )
+    .await;
+    let intruder = app.new_user().await;
+    assert_401(logout(intruder.access).await, "another user's purged token").await;
+    // A refresh token that never was this service's is refused as before.
+    assert_401(
+        app.client
+            .post(app.url("/auth/logout"))
+            .bearer_auth(&tokens.access)
+            .json(&json!({"refresh_token": "not.a.token"}))
+            .send()
+            .await
+            .unwrap(),
+        "a forged token",
+    )
+    .await;
+}

@@ -562,3 +562,124 @@ async fn the_connection_budget_is_read_from_the_server(pool: sqlx::PgPool) {
     assert!(after.fits(1));
     assert!(!after.fits(u32::try_from(after.max).unwrap() + 1));
 }
+
+/// Logs in to `email` from `client` (behind one trusted proxy, which appends the client's address).
+async fn login_from(app: &TestApp, email: &str, password: &str, client: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/auth/login"))
+        .header("X-Forwarded-For", client)
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Wrong passwords for `email` from `client` until one is refused with 429: how many were answered 401 first.
+async fn guesses_until_throttled(app: &TestApp, email: &str, client: &str) -> usize {
+    for guesses in 0..50 {
+        let response = login_from(app, email, "not the password at all", client).await;
+        match response.status() {
+            StatusCode::UNAUTHORIZED => {}
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!((1..=900).contains(&retry_after(&response)));
+                assert_eq!(
+                    json(response).await,
+                    json!({"detail": "Rate limit exceeded. Try again later."})
+                );
+                return guesses;
+            }
+            other => panic!("{other} from {client}"),
+        }
+    }
+    panic!("{client} was never throttled")
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn guesses_from_many_addresses_do_not_lock_the_owner_out(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| config.trust_proxy_hops = Some(1)).await;
+    let email = format!("owner-{}@example.com", Uuid::new_v4());
+    assert_eq!(app.register(&email).await.status(), StatusCode::CREATED);
+    let owner = "198.51.100.7";
+
+    // One address: ten wrong passwords, then 429 (LOGIN_MAX_FAILURES per account and client).
+    assert_eq!(
+        guesses_until_throttled(&app, &email, "203.0.113.1").await,
+        10
+    );
+    // The owner, from an address that has not been failing, gets in.
+    assert_eq!(
+        login_from(&app, &email, PASSWORD, owner).await.status(),
+        StatusCode::OK
+    );
+    // The throttled address is refused even the right password, unchecked.
+    assert_eq!(
+        login_from(&app, &email, PASSWORD, "203.0.113.1")
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Nine more addresses, ten guesses each: the account's budget (100 attempts in 15 minutes) is spent.
+    for i in 2..=10 {
+        let client = format!("203.0.113.{i}");
+        assert_eq!(
+            guesses_until_throttled(&app, &email, &client).await,
+            10,
+            "{client}"
+        );
+    }
+    // Past it, an address that has not tried this account gets one guess, and no more.
+    for i in 11..=12 {
+        let client = format!("203.0.113.{i}");
+        assert_eq!(
+            guesses_until_throttled(&app, &email, &client).await,
+            1,
+            "{client}"
+        );
+        assert_eq!(
+            login_from(&app, &email, PASSWORD, &client).await.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{client}"
+        );
+    }
+    // And the owner still gets in, from the same address as before and from a new one.
+    for client in [owner, "192.0.2.55"] {
+        let response = login_from(&app, &email, PASSWORD, client).await;
+        assert_eq!(response.status(), StatusCode::OK, "{client}");
+        assert!(json(response).await["access_token"].is_string());
+    }
+    // Other accounts were never affected, from the attacking addresses either.
+    let bystander = format!("bystander-{}@example.com", Uuid::new_v4());
+    assert_eq!(app.register(&bystander).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        login_from(&app, &bystander, PASSWORD, "203.0.113.1")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn ended_windows_of_the_login_throttle_are_purged(pool: PgPool) {
+    // No app: its own purge would race this one for the rows.
+    sqlx::raw_sql(
+        "insert into login_throttle_accounts (email, attempts, window_start) values
+         ('old@example.com', 3, now() - interval '16 minutes'), ('new@example.com', 3, now());
+         insert into login_throttle_clients (email, client, attempts, window_start) values
+         ('old@example.com', '203.0.113.1', 3, now() - interval '16 minutes'),
+         ('new@example.com', '203.0.113.1', 3, now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, logins) = api::startup::purge(&pool).await.unwrap();
+    assert_eq!(logins, 2);
+    for table in ["login_throttle_accounts", "login_throttle_clients"] {
+        let emails: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select email from {table}")))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(emails, ["new@example.com"], "{table}");
+    }
+}

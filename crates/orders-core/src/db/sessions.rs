@@ -3,6 +3,14 @@
 //! Rotation is one conditional update: the presented token is marked used only if it is still unused and
 //! unrevoked, so of several concurrent refreshes with one token exactly one wins. A token that is known but
 //! already used is a reuse (a stolen copy or a replay): the caller revokes its whole family.
+//!
+//! A refresh and a revocation of the same session (logout, reuse) take one lock first: a transaction-level advisory
+//! lock named after the session. Without it a revocation, one statement, could start before a refresh inserts the
+//! next token, wait for the row the refresh holds, then revoke every token it saw and miss the new one, which went
+//! on refreshing: a logout answered 204 and the session lived on. Under the lock, a revocation's update starts after
+//! the refresh has committed (it sees the new token), or the refresh's update starts after the revocation has
+//! committed (it finds its token revoked). An advisory lock and not a row: sessions have no row of their own, and a
+//! token row can be purged while another transaction waits for it; no table, no migration.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
@@ -70,12 +78,44 @@ pub enum Redeemed {
     Dead,
 }
 
+/// The class of the advisory locks on sessions (`pg_advisory_xact_lock(class, key)`). The two-key form has a key
+/// space of its own, apart from the single `bigint` keys other locks of this database use.
+const SESSION_LOCK_CLASS: i32 = 0x5e55_1011;
+
+/// Locks the session `family_id` until the transaction ends: see the module's note. Two sessions may share a lock
+/// (its key is 32 bits of the id); that only makes one wait for the other.
+async fn lock_session(conn: &mut PgConnection, family_id: Uuid) -> sqlx::Result<()> {
+    let bytes = family_id.as_bytes();
+    // The last bytes of both UUID versions in use (v4, v7) are random.
+    let key = i32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+    sqlx::query!(
+        r#"select true as "locked!" from pg_advisory_xact_lock($1, $2)"#,
+        SESSION_LOCK_CLASS,
+        key,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Marks a token used if it is live, and tells what it was. Run it in the transaction that stores the next
-/// token, so that a failure in between leaves the session as it was.
+/// token, so that a failure in between leaves the session as it was; it locks the token's session until that
+/// transaction ends, so a revocation waits for the next token and revokes it too.
 pub async fn redeem_refresh_token(
     conn: &mut PgConnection,
     token_hash: &[u8],
 ) -> sqlx::Result<Redeemed> {
+    let family_id = sqlx::query_scalar!(
+        "select family_id from refresh_tokens where token_hash = $1",
+        token_hash,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(family_id) = family_id else {
+        return Ok(Redeemed::Dead);
+    };
+    lock_session(conn, family_id).await?;
+    // A statement after the lock: it sees whatever a revocation that held the lock before committed.
     let live = sqlx::query!(
         r#"
         update refresh_tokens set used_at = now()
@@ -107,13 +147,15 @@ pub async fn redeem_refresh_token(
     })
 }
 
-/// Revokes every token of a session.
-pub async fn revoke_family(executor: impl PgExecutor<'_>, family_id: Uuid) -> sqlx::Result<()> {
+/// Revokes every token of a session, its next one included if a refresh is issuing it right now (it locks the
+/// session first). Run it in a transaction: the lock lasts until that transaction ends.
+pub async fn revoke_family(conn: &mut PgConnection, family_id: Uuid) -> sqlx::Result<()> {
+    lock_session(conn, family_id).await?;
     sqlx::query!(
         "update refresh_tokens set revoked_at = now() where family_id = $1 and revoked_at is null",
         family_id,
     )
-    .execute(executor)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -140,28 +182,39 @@ pub async fn ended_sessions(
     Ok(ended)
 }
 
-/// Revokes the session a token of `user_id` belongs to (logout). Returns false if no such token exists.
+/// What a logout found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoggedOut {
+    /// The token's session is revoked now (or was already).
+    Revoked,
+    /// No token has this hash: its row was purged (its session was revoked, or it expired), or it was never
+    /// stored.
+    Unknown,
+    /// The token belongs to another user: nothing was revoked.
+    NotTheirs,
+}
+
+/// Revokes the session a token of `user_id` belongs to (logout), as [`revoke_family`] does. Run it in a
+/// transaction: the session's lock lasts until that transaction ends.
 pub async fn revoke_session_of(
-    executor: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     token_hash: &[u8],
     user_id: UserId,
-) -> sqlx::Result<bool> {
-    let found = sqlx::query_scalar!(
-        r#"
-        with session as (
-            select family_id from refresh_tokens where token_hash = $1 and user_id = $2
-        ), revoked as (
-            update refresh_tokens set revoked_at = now()
-            where family_id = (select family_id from session) and revoked_at is null
-        )
-        select exists (select 1 from session) as "found!"
-        "#,
+) -> sqlx::Result<LoggedOut> {
+    let token = sqlx::query!(
+        r#"select family_id, user_id as "user_id: UserId" from refresh_tokens where token_hash = $1"#,
         token_hash,
-        user_id as UserId,
     )
-    .fetch_one(executor)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(found)
+    Ok(match token {
+        None => LoggedOut::Unknown,
+        Some(token) if token.user_id != user_id => LoggedOut::NotTheirs,
+        Some(token) => {
+            revoke_family(conn, token.family_id).await?;
+            LoggedOut::Revoked
+        }
+    })
 }
 
 /// Deletes up to `batch` expired tokens and up to `batch` revoked ones, and returns how many went. Neither kind
