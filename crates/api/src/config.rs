@@ -28,9 +28,21 @@ pub struct Config {
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:8000")]
     pub bind_addr: SocketAddr,
 
-    /// Where `GET /metrics` (Prometheus) is served: its own listener, kept off the public port; `off` to disable.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    /// Where `GET /metrics` (Prometheus) is served: its own listener, kept off the public port, on loopback unless
+    /// set otherwise (e.g. 0.0.0.0:9100 for a scraper on another host); `off` to disable.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9100")]
     pub metrics_addr: String,
+
+    /// Longest wait for a request's headers, in milliseconds, from a connection's start or the end of its previous
+    /// response: a client that sends part of a request and stops, or an idle keep-alive connection, is closed then.
+    /// Keep it above the idle timeout of a load balancer that reuses connections.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub http_header_timeout_ms: u64,
+
+    /// Most connections open at once on BIND_ADDR; one more is answered 503 with Retry-After and closed. Unset:
+    /// the open-file limit (raised to its hard limit at start) less a reserve for the pools, Redis and logs.
+    #[arg(long, env = "MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 
     /// Secret that signs the JWTs; at least 32 bytes. Required to serve (not for `api migrate`).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
@@ -53,8 +65,10 @@ pub struct Config {
     #[arg(long, env = "SESSION_MAX_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
     pub session_max_days: u64,
 
-    /// Failed logins of one account (by email, whether or not it exists) allowed per 15-minute window; past it
-    /// the account's logins answer 429 until the window ends. A successful login resets the count.
+    /// Login attempts at one account (by email, whether or not it exists) allowed per client and 15-minute window;
+    /// past it that client's logins of that account answer 429 until the window ends, and a successful login
+    /// resets its count. Over all clients the account gets ten times as many; past those, only clients that have
+    /// not tried it in their window still have their password checked.
     #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub login_max_failures: u32,
 
@@ -75,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "ENQUEUE_TIMEOUT_MS", default_value_t = 1000)]
     pub enqueue_timeout_ms: u64,
 
+    /// Most creates, and most list reads, waiting for a database statement on this process (each kind its own
+    /// queue); one more is answered 503 with Retry-After at once, before anything is written.
+    #[arg(long, env = "BATCH_MAX_WAITING", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_max_waiting: u32,
+
     /// Also run the queue worker (and its reconciler) inside this process: the whole system in one command.
     /// Run standalone `worker` processes instead to scale out.
     #[arg(long, env = "WITH_WORKER", default_value_t = false, value_parser = BoolishValueParser::new(), action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -87,6 +106,13 @@ pub struct Config {
     /// one more is answered 429.
     #[arg(long, env = "SSE_MAX_STREAMS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub sse_max_streams_per_user: u32,
+
+    /// Longest life of one event stream, in seconds: the stream then ends as one does when its token expires, and
+    /// the client reconnects with Last-Event-ID and loses nothing. Unset: a stream lasts as long as its
+    /// authority (and an order's stream until the order is finished). Meant for tests that must see every stream
+    /// end, such as scripts/schemathesis.
+    #[arg(long, env = "SSE_MAX_STREAM_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub sse_max_stream_seconds: Option<u64>,
 
     /// Where the live-status listener connects (LISTEN needs a session of its own): unset, DATABASE_URL. Set it to
     /// the server itself when DATABASE_URL goes through PgBouncer in transaction mode, where LISTEN does not work.
@@ -143,6 +169,10 @@ pub struct RateLimits {
     #[arg(long, env = "RATE_LIMIT_LIST_ORDERS_PER_MINUTE", default_value_t = 30)]
     pub rate_limit_list_orders_per_minute: u32,
 
+    /// GET /orders/{id} per client per minute (polling an order's status once a second fits).
+    #[arg(long, env = "RATE_LIMIT_GET_ORDER_PER_MINUTE", default_value_t = 60)]
+    pub rate_limit_get_order_per_minute: u32,
+
     /// PATCH /orders/{id}/cancel per client per minute.
     #[arg(long, env = "RATE_LIMIT_CANCEL_ORDER_PER_MINUTE", default_value_t = 10)]
     pub rate_limit_cancel_order_per_minute: u32,
@@ -164,6 +194,7 @@ impl RateLimits {
             rate_limit_refresh_per_minute: 0,
             rate_limit_create_order_per_minute: 0,
             rate_limit_list_orders_per_minute: 0,
+            rate_limit_get_order_per_minute: 0,
             rate_limit_cancel_order_per_minute: 0,
             rate_limit_open_stream_per_minute: 0,
         }
@@ -173,6 +204,11 @@ impl RateLimits {
 fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(value))
 }
+
+/// File descriptors kept for what is not a client connection: the pools, Redis, the listener, logs.
+const FD_RESERVE: usize = 1024;
+/// The connection limit where the open-file limit cannot be read.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// The request timeout when the budgets above add up to less.
 const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(4500);
@@ -253,9 +289,27 @@ impl Config {
             .unwrap_or(u8::from(self.trust_proxy_headers))
     }
 
+    /// The limits of the public listener's connections. Without `MAX_CONNECTIONS`, raises the process's open-file
+    /// limit to its hard limit and keeps `FD_RESERVE` (or a quarter of a small limit) of it for everything else.
+    pub fn connection_limits(&self) -> crate::serve::Limits {
+        let max_connections = match self.max_connections {
+            Some(max) => max as usize,
+            None => {
+                let files = rlimit::increase_nofile_limit(u64::MAX)
+                    .map_or(DEFAULT_MAX_CONNECTIONS, |files| files as usize);
+                files.saturating_sub(FD_RESERVE.min(files / 4)).max(16)
+            }
+        };
+        crate::serve::Limits {
+            header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+            max_connections,
+        }
+    }
+
     /// How long a request may take before it is answered 503. It covers the longest path that commits something
     /// and must then answer with it, a create: reading the queue's room, a wait for a connection, the insert
-    /// (one statement), then the push. A create that committed is therefore answered 201, never 503.
+    /// (one statement), then the push. A create that committed is therefore answered 201, never 503; one whose
+    /// insert has not committed when only the push and half a second are left is answered 503 and never inserted.
     pub fn request_timeout(&self) -> Duration {
         let create = self.enqueue_timeout()
             + self.database.acquire_timeout()

@@ -1,8 +1,14 @@
 //! The OpenAPI document's frame; the paths and schemas come from the routes themselves.
 
+use std::borrow::Cow;
+
 use utoipa::{
-    Modify, OpenApi,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    Modify, OpenApi, PartialSchema, ToSchema,
+    openapi::{
+        Ref, RefOr,
+        schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type},
+        security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    },
 };
 
 /// Title, description, tags and the bearer scheme.
@@ -14,6 +20,7 @@ use utoipa::{
                        PENDING → PROCESSING → COMPLETED. Authorize with the `access_token` from `/auth/login`."
     ),
     modifiers(&BearerScheme),
+    components(schemas(StatusEvent, ResetEvent, MyOrdersEvent)),
     tags(
         (name = "health", description = "Liveness and readiness"),
         (name = "auth", description = "Accounts and sessions"),
@@ -56,4 +63,144 @@ pub fn close_request_bodies(openapi: &mut utoipa::openapi::OpenApi) {
             object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
         }
     }
+}
+
+/// One event of `GET /orders/{id}/events` (and of `GET /orders/events`): `event: status`, the order as of one change.
+///
+/// Events are described as OpenAPI 3.2 describes `text/event-stream` (the `itemSchema` of the response): each as an
+/// object of its fields `event`, `id`, `data` and `retry`, with `data` a string whose JSON content is given by
+/// `contentMediaType` and `contentSchema`. Comment lines (`:heartbeat`) are not events.
+pub struct StatusEvent;
+
+impl PartialSchema for StatusEvent {
+    fn schema() -> RefOr<Schema> {
+        event(
+            "status",
+            "An order as of one change of its status.",
+            "The change's id (its row in the status history); 0 for an order that has not changed yet.",
+            "The order as JSON, the same object as `GET /orders/{id}`, as of that change.",
+            Ref::from_schema_name("OrderResponse").into(),
+        )
+    }
+}
+
+impl ToSchema for StatusEvent {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("StatusEvent")
+    }
+}
+
+/// The event of `GET /orders/events` that replaces a replay too long: `event: reset`.
+pub struct ResetEvent;
+
+impl PartialSchema for ResetEvent {
+    fn schema() -> RefOr<Schema> {
+        let data = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "detail",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("What to do: reload the orders.")),
+            )
+            .required("detail")
+            .property(
+                "replays_at_most",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::Int64,
+                    )))
+                    .minimum(Some(1))
+                    .description(Some("The most changes a stream replays.")),
+            )
+            .required("replays_at_most")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .build();
+        event(
+            "reset",
+            "More changes were missed than a stream replays (`Last-Event-ID` too far back): the stream goes on from \
+             now, and the client reloads its orders with `GET /orders/my-orders`.",
+            "The latest change: a reconnect with it resumes from here.",
+            "`{\"detail\", \"replays_at_most\"}` as JSON.",
+            Schema::Object(data).into(),
+        )
+    }
+}
+
+impl ToSchema for ResetEvent {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("ResetEvent")
+    }
+}
+
+/// One event of `GET /orders/events`: a status change of any of my orders, or a reset.
+pub struct MyOrdersEvent;
+
+impl PartialSchema for MyOrdersEvent {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name(StatusEvent::name()))
+            .item(Ref::from_schema_name(ResetEvent::name()))
+            .description(Some(
+                "`event: status` for each change of one of my orders; `event: reset` first when `Last-Event-ID` is \
+                 too far back.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for MyOrdersEvent {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("MyOrdersEvent")
+    }
+}
+
+/// One server-sent event of the kind `kind` as an object of its fields: an `id` always (a whole number), `data` JSON
+/// of `content`, and never a `retry` (a client reconnects after its own delay).
+fn event(
+    kind: &str,
+    description: &str,
+    id: &str,
+    data: &str,
+    content: RefOr<Schema>,
+) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(format!("`event: {kind}`. {description}")))
+        .property(
+            "event",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([kind])),
+        )
+        .required("event")
+        .property(
+            "id",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^(0|[1-9][0-9]{0,18})$"))
+                .description(Some(id)),
+        )
+        .required("id")
+        .property(
+            "data",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .content_media_type("application/json")
+                .content_schema(Some(content))
+                .description(Some(data)),
+        )
+        .required("data")
+        .property(
+            "retry",
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .description(Some(
+                    "The reconnection delay in milliseconds: this api does not send it.",
+                )),
+        )
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .into()
 }

@@ -37,6 +37,8 @@ use crate::{
 
 /// How often expired sessions and ended login windows are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Connections the `/metrics` listener holds at once: scrapers are few.
+const METRICS_MAX_CONNECTIONS: usize = 64;
 /// Rows one purge statement deletes at most: a short transaction, however large the table.
 const PURGE_BATCH: i64 = 1000;
 
@@ -44,6 +46,7 @@ const PURGE_BATCH: i64 = 1000;
 pub struct App {
     listener: TcpListener,
     router: Router,
+    limits: crate::serve::Limits,
     /// `/metrics`, on a listener of its own (`METRICS_ADDR`), unless turned off.
     metrics: Option<(TcpListener, Router)>,
     db: PgPool,
@@ -105,9 +108,15 @@ impl App {
                 db.clone(),
                 queue.clone(),
                 config.enqueue_timeout(),
+                config.database.statement_timeout(),
                 batch_slots,
+                config.batch_max_waiting as usize,
             ),
-            pages: crate::routes::orders::page_batcher(db.clone(), batch_slots),
+            pages: crate::routes::orders::page_batcher(
+                db.clone(),
+                batch_slots,
+                config.batch_max_waiting as usize,
+            ),
             queue,
             jwt: Arc::new(JwtKeys::new(
                 config.jwt_secret()?.expose_secret().as_bytes(),
@@ -119,7 +128,7 @@ impl App {
             enqueue_timeout: config.enqueue_timeout(),
             session_max: config.session_max(),
             login_max_failures: config.login_max_failures,
-            readiness: Arc::default(),
+            readiness: Default::default(),
             stream_openings: (config.rate_limits.rate_limit_enabled
                 && config.rate_limits.rate_limit_shared
                 && config.rate_limits.rate_limit_open_stream_per_minute > 0)
@@ -149,6 +158,7 @@ impl App {
         Ok(Self {
             listener,
             router,
+            limits: config.connection_limits(),
             metrics,
             db,
             redis,
@@ -174,7 +184,7 @@ impl App {
     /// requests and jobs in flight.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
         if let Ok(addr) = self.listener.local_addr() {
-            tracing::info!(%addr, "listening; Swagger UI at /docs");
+            tracing::info!(%addr, max_connections = self.limits.max_connections, "listening; Swagger UI at /docs");
         }
         let worker = async {
             match self.worker {
@@ -187,7 +197,11 @@ impl App {
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, "metrics at /metrics");
                 }
-                crate::serve::serve(listener, router, stop.clone()).await;
+                let limits = crate::serve::Limits {
+                    max_connections: METRICS_MAX_CONNECTIONS,
+                    ..self.limits
+                };
+                crate::serve::serve(listener, router, stop.clone(), limits).await;
             }
         };
         tokio::spawn(purge_periodically(self.db, stop.clone()));
@@ -198,7 +212,7 @@ impl App {
             stopping.cancelled().await;
             events.cancel();
         });
-        let server = crate::serve::serve(self.listener, self.router, stop.clone());
+        let server = crate::serve::serve(self.listener, self.router, stop.clone(), self.limits);
         let ((), worked, ()) = tokio::join!(server, worker, metrics);
         worked
     }
@@ -221,7 +235,11 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, &per_route))
         .merge(routes::orders::router(&config.rate_limits, &per_route))
-        .merge(routes::events::router(&config.rate_limits, &per_route))
+        .merge(routes::events::router(
+            &config.rate_limits,
+            &per_route,
+            config.sse_max_stream_seconds.map(Duration::from_secs),
+        ))
         .with_state(state)
         .split_for_parts();
     crate::openapi::close_request_bodies(&mut openapi);
@@ -336,13 +354,20 @@ where
     }
 }
 
+/// When the request timeout answers a request 503 (a request extension): a handler that must answer before
+/// that, such as a create, takes its own deadline from it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub tokio::time::Instant);
+
 /// Answers 503 instead of letting a request hang.
 async fn time_limit(
     axum::extract::State(timeout): axum::extract::State<Duration>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match tokio::time::timeout(timeout, next.run(req)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    req.extensions_mut().insert(RequestDeadline(deadline));
+    match tokio::time::timeout_at(deadline, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
     }

@@ -11,6 +11,7 @@ use std::{
 };
 
 use axum::{
+    Extension,
     extract::State,
     http::HeaderMap,
     response::{
@@ -18,7 +19,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use futures_util::{FutureExt as _, future::BoxFuture, stream::Stream};
+use futures_util::{FutureExt as _, StreamExt as _, future::BoxFuture, stream::Stream};
 use orders_core::{
     db::{
         events::{self, StatusChange},
@@ -37,6 +38,7 @@ use crate::{
     events::{Signal, Slot, Subscription, Topic, authority::Authority},
     extract::OrderPath,
     loc,
+    openapi::{MyOrdersEvent, StatusEvent},
     rate_limit::RouteLimits,
     routes::orders::order_json,
     state::AppState,
@@ -47,20 +49,30 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// The two streams, opened within one rate limit (`RATE_LIMIT_OPEN_STREAM_PER_MINUTE`: a stream reads history
 /// when it opens, so opening and closing them in a loop must not be free), and the cookie that lets a browser's
-/// `EventSource` open them.
-pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
+/// `EventSource` open them. A stream lasts at most `max_lifetime` (`SSE_MAX_STREAM_SECONDS`), when set.
+pub fn router(
+    limits: &RateLimits,
+    per_route: &RouteLimits,
+    max_lifetime: Option<Duration>,
+) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(
-            per_route.apply(
-                OpenApiRouter::new()
-                    .routes(routes!(order_events))
-                    .routes(routes!(my_order_events)),
-                "open_stream",
-                limits.rate_limit_open_stream_per_minute,
-            ),
+            per_route
+                .apply(
+                    OpenApiRouter::new()
+                        .routes(routes!(order_events))
+                        .routes(routes!(my_order_events)),
+                    "open_stream",
+                    limits.rate_limit_open_stream_per_minute,
+                )
+                .layer(Extension(MaxLifetime(max_lifetime))),
         )
         .routes(routes!(events_cookie_for_browsers))
 }
+
+/// The longest life of one stream (`SSE_MAX_STREAM_SECONDS`); `None`: as long as its authority.
+#[derive(Clone, Copy)]
+struct MaxLifetime(Option<Duration>);
 
 /// Counts one more stream opened by `user` against `RATE_LIMIT_OPEN_STREAM_PER_MINUTE` per user, over every api
 /// process: `429` with `Retry-After` past it. The route's limit per client holds besides (and alone, while Redis
@@ -138,10 +150,11 @@ async fn events_cookie_for_browsers(
 #[utoipa::path(get, path = "/orders/{id}/events", tag = "orders", security(("bearer" = [])),
     params(
         ("id" = uuid::Uuid, Path, description = "The order's id"),
-        ("Last-Event-ID" = Option<i64>, Header, description = "The id of the last event received: the stream resumes after it (sent by browsers' EventSource on reconnect)"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "The id of the last event received: the stream resumes after it (sent by browsers' EventSource on reconnect). Event ids are whole numbers, 0 or more"),
     ),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = "Events `status`, each with `id` and the order as JSON `data`; the stream ends after COMPLETED or CANCELLED", example = json!("event: status\nid: 0\ndata: {\"id\":\"01a2…\",\"status\":\"PENDING\",…}\n\n")),
+        (status = 200, description = "Events `status`, each with `id` and the order as JSON `data`; the stream ends after COMPLETED or CANCELLED",
+            content(("text/event-stream", item_schema = StatusEvent, example = json!("event: status\nid: 0\ndata: {\"id\":\"01a2…\",\"status\":\"PENDING\",…}\n\n")))),
         (status = 204, description = "Nothing more to send: the order is finished and `Last-Event-ID` was its last change"),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 404, body = ErrorBody, description = "No such order of yours"),
@@ -153,6 +166,7 @@ async fn order_events(
     State(state): State<AppState>,
     StreamUser(user): StreamUser,
     OrderPath(id): OrderPath,
+    Extension(lifetime): Extension<MaxLifetime>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
@@ -185,7 +199,7 @@ async fn order_events(
             stream
         }
     };
-    Ok(sse(stream))
+    Ok(sse(stream, lifetime))
 }
 
 /// Watches all my orders: each status change of any of them as it happens, for as long as I stay connected.
@@ -201,10 +215,11 @@ async fn order_events(
 /// Authenticated, and ended, as `GET /orders/{id}/events` is.
 #[utoipa::path(get, path = "/orders/events", tag = "orders", security(("bearer" = [])),
     params(
-        ("Last-Event-ID" = Option<i64>, Header, description = "The id of the last event received: the stream resumes after it"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "The id of the last event received: the stream resumes after it. Event ids are whole numbers, 0 or more"),
     ),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = "Events `status`, each with `id` and the order as JSON `data`", example = json!("event: status\nid: 42\ndata: {\"id\":\"01a2…\",\"status\":\"PROCESSING\",…}\n\n")),
+        (status = 200, description = "Events `status`, each with `id` and the order as JSON `data` (and `reset` first, when `Last-Event-ID` is too far back)",
+            content(("text/event-stream", item_schema = MyOrdersEvent, example = json!("event: status\nid: 42\ndata: {\"id\":\"01a2…\",\"status\":\"PROCESSING\",…}\n\n")))),
         (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
         (status = 422, body = ValidationErrorBody, description = "Malformed Last-Event-ID"),
         (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already, or 30 streams were opened in the last minute by this client or this user (RATE_LIMIT_OPEN_STREAM_PER_MINUTE)", headers(("Retry-After" = u64))),
@@ -213,6 +228,7 @@ async fn order_events(
 async fn my_order_events(
     State(state): State<AppState>,
     StreamUser(user): StreamUser,
+    Extension(lifetime): Extension<MaxLifetime>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
@@ -253,10 +269,10 @@ async fn my_order_events(
             EventStream::new(feed, &state.db, slot, Scope::user(user.user_id, floor))
         }
     };
-    Ok(sse(stream))
+    Ok(sse(stream, lifetime))
 }
 
-/// Most changes a resumed `/orders/events` replays: further back, it sends [`reset_event`] instead.
+/// Most changes a resumed `/orders/events` replays: further back, it sends `reset_event` instead.
 pub const RESUME_MAX_CHANGES: i64 = 1000;
 
 /// `event: reset`: more than [`RESUME_MAX_CHANGES`] changes were missed, so the stream goes on from now, after
@@ -272,10 +288,16 @@ fn reset_event(floor: i64) -> Event {
         .data(data.to_string())
 }
 
-fn sse(events: EventStream) -> Response {
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
-        .into_response();
+/// The response of a stream: its events, with heartbeats, ended after `lifetime` when that is bounded (as a stream
+/// whose token expires ends: the client reconnects with `Last-Event-ID`).
+fn sse(events: EventStream, lifetime: MaxLifetime) -> Response {
+    let keep_alive = || KeepAlive::new().interval(HEARTBEAT).text("heartbeat");
+    let mut response = match lifetime.0 {
+        None => Sse::new(events).keep_alive(keep_alive()).into_response(),
+        Some(lifetime) => Sse::new(events.take_until(tokio::time::sleep(lifetime)))
+            .keep_alive(keep_alive())
+            .into_response(),
+    };
     // hyper keeps a response's header map, emptied, for as long as its connection is open (to reuse for the next
     // request), and a stream's connection is open for hours: the map is sized for the headers it carries (these
     // two and `x-request-id`), not for the six that a first insert makes room for. 0.3 KB a stream.

@@ -263,6 +263,100 @@ async fn another_users_order_or_a_missing_one_is_404_and_a_bad_last_event_id_422
     assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
 }
 
+/// The `Last-Event-ID` that `/openapi.json` documents and the one the streams accept are the same: the smallest id
+/// the schema allows opens the stream, one below it (which no stream ever sent, and so no `EventSource` sends) and a
+/// value that is no whole number are 422 in the contract's shape.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_streams_accept_exactly_the_last_event_ids_the_schema_allows(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let document = json(
+        app.client
+            .get(app.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    for (template, path) in [
+        ("/orders/{id}/events", format!("/orders/{id}/events")),
+        ("/orders/events", "/orders/events".to_owned()),
+    ] {
+        let parameters = document["paths"][template]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let schema = &parameters
+            .iter()
+            .find(|parameter| parameter["name"] == "Last-Event-ID")
+            .unwrap()["schema"];
+        assert_eq!(
+            (&schema["type"], &schema["format"]),
+            (&json!("integer"), &json!("int64")),
+            "{template}: {schema}"
+        );
+        let minimum = schema["minimum"].as_i64().unwrap();
+        assert_eq!(minimum, 0, "{template}");
+
+        let accepted = Stream::open(&app, &user.access, &path, Some(&minimum.to_string())).await;
+        assert_eq!(accepted.status(), StatusCode::OK, "{path}");
+        drop(accepted);
+        for refused in [
+            (minimum - 1).to_string(),
+            "-8432".to_owned(),
+            "null".to_owned(),
+            "1.5".to_owned(),
+            "9223372036854775808".to_owned(),
+        ] {
+            let response = Stream::open(&app, &user.access, &path, Some(&refused)).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{path} with {refused}"
+            );
+            let body = json(response).await;
+            assert_eq!(
+                body["detail"][0]["loc"],
+                json!(["header", "Last-Event-ID"]),
+                "{body}"
+            );
+        }
+    }
+}
+
+/// With `SSE_MAX_STREAM_SECONDS`, a stream that would stay open (an order nobody processes, the stream of all my
+/// orders) ends by itself after that long, as a whole response (not broken off), and a reconnect with
+/// `Last-Event-ID` loses nothing.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_bounded_stream_ends_cleanly_after_its_lifetime_and_resumes_without_loss(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| config.sse_max_stream_seconds = Some(1)).await;
+    let user = app.new_user().await;
+    let id = create(&app, &user.access).await;
+    let path = format!("/orders/{id}/events");
+    for path in [path.as_str(), "/orders/events"] {
+        let started = std::time::Instant::now();
+        let mut stream = Stream::start(&app, &user.access, path, None).await;
+        // `rest` fails the test on a body broken off, or on one still open after 20 s.
+        let events = stream.rest().await;
+        let lasted = started.elapsed();
+        assert!(
+            (Duration::from_millis(900)..Duration::from_secs(5)).contains(&lasted),
+            "{path} lasted {lasted:?}"
+        );
+        if path == "/orders/events" {
+            assert!(events.is_empty(), "{events:?}");
+        } else {
+            assert_eq!(statuses(&events), ["PENDING"]);
+        }
+    }
+    // The order changes while no stream is open: the reconnect gets the change, and the stream ends with it.
+    assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    let mut again = Stream::start(&app, &user.access, &path, Some("0")).await;
+    assert_eq!(statuses(&again.rest().await), ["CANCELLED"]);
+    let mut mine = Stream::start(&app, &user.access, "/orders/events", Some("0")).await;
+    assert_eq!(statuses(&mine.rest().await), ["CANCELLED"]);
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_eleventh_stream_of_a_user_is_429_and_a_closed_one_frees_its_slot(pool: PgPool) {
     let app = TestApp::spawn(pool).await;

@@ -1,8 +1,13 @@
+use std::collections::BTreeMap;
+
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, json};
+use crate::{
+    events::{SseEvent, Stream},
+    helpers::{TestApp, json},
+};
 
 const SNAPSHOT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -59,6 +64,9 @@ async fn the_openapi_document_covers_every_route_and_the_bearer_scheme(pool: PgP
         ("/orders/my-orders", "get"),
         ("/orders/{id}", "get"),
         ("/orders/{id}/cancel", "patch"),
+        ("/orders/{id}/events", "get"),
+        ("/orders/events", "get"),
+        ("/orders/events/cookie", "post"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -76,5 +84,150 @@ async fn the_openapi_document_covers_every_route_and_the_bearer_scheme(pool: PgP
             protected["responses"].get(status).is_some(),
             "create lacks {status}"
         );
+    }
+}
+
+/// `#/components/schemas/...` references resolved, once.
+fn resolve<'a>(document: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference.strip_prefix("#/components/schemas/").unwrap();
+            &document["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}
+
+/// The schema of each kind of event (`event:`) that the stream at `template` documents, by kind.
+fn documented_events<'a>(document: &'a Value, template: &str) -> BTreeMap<String, &'a Value> {
+    let content = &document["paths"][template]["get"]["responses"]["200"]["content"];
+    let media = &content["text/event-stream"];
+    // OpenAPI 3.2's form for an event stream: each event described by `itemSchema`, no schema for the whole body
+    // (which a reader would take for the schema of each event, or of a JSON array of them).
+    assert!(media.get("schema").is_none(), "{template}: {media}");
+    let item = resolve(document, &media["itemSchema"]);
+    let kinds: Vec<&Value> = match item["oneOf"].as_array() {
+        Some(kinds) => kinds.iter().map(|kind| resolve(document, kind)).collect(),
+        None => vec![item],
+    };
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let names = kind["properties"]["event"]["enum"].as_array().unwrap();
+            assert_eq!(names.len(), 1, "{kind}");
+            (names[0].as_str().unwrap().to_owned(), kind)
+        })
+        .collect()
+}
+
+/// Fails unless `event` is one `schema` describes: its fields, an id that is a whole number, and its data the JSON
+/// object of the schema's `contentSchema`, with every required field and no other.
+fn assert_conforms(document: &Value, schema: &Value, event: &SseEvent) {
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|field| field.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["event", "id", "data"], "{schema}");
+    assert_eq!(schema["additionalProperties"], false);
+    assert!(
+        !event.id.is_empty() && event.id.bytes().all(|digit| digit.is_ascii_digit()),
+        "{event:?}"
+    );
+    let data = &schema["properties"]["data"];
+    assert_eq!(
+        (&data["type"], &data["contentMediaType"]),
+        (&json!("string"), &json!("application/json"))
+    );
+    let content = resolve(document, &data["contentSchema"]);
+    let fields = event.data.as_object().unwrap();
+    for field in content["required"].as_array().unwrap() {
+        assert!(
+            fields.contains_key(field.as_str().unwrap()),
+            "{field} missing in {event:?}"
+        );
+    }
+    for field in fields.keys() {
+        assert!(
+            content["properties"].get(field).is_some(),
+            "{field} of {event:?} is not in {content}"
+        );
+    }
+}
+
+/// The event routes describe each event they send: every event of a real stream (the order's `status`, a
+/// `status` replayed on the stream of all my orders, and its `reset` after a `Last-Event-ID` too far back) is of a
+/// kind its route documents, in the documented shape; and the routes document no kind they never send.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_event_routes_document_every_event_they_send(pool: PgPool) {
+    let app = TestApp::spawn_with(pool.clone(), |config| {
+        config.sse_max_stream_seconds = Some(1);
+    })
+    .await;
+    let document = json(
+        app.client
+            .get(app.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let user = app.new_user().await;
+    let id = app.create_widget(&user.access).await;
+    let order_path = format!("/orders/{id}/events");
+    let mut sent = Stream::start(&app, &user.access, &order_path, None)
+        .await
+        .rest()
+        .await;
+    // 1,001 changes since event 0: more than a stream replays, so a resume from 0 starts with `reset`.
+    sqlx::query(
+        "insert into order_status_history (order_id, status)
+         select $1::uuid, 'PROCESSING' from generate_series(1, 1001)",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut mine = Stream::start(&app, &user.access, "/orders/events", Some("0"))
+        .await
+        .rest()
+        .await;
+    assert_eq!(mine.len(), 1);
+    assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
+    let resume = mine[0].id.clone();
+    mine.extend(
+        Stream::start(&app, &user.access, "/orders/events", Some(&resume))
+            .await
+            .rest()
+            .await,
+    );
+    sent.extend(
+        Stream::start(&app, &user.access, &order_path, Some(&resume))
+            .await
+            .rest()
+            .await,
+    );
+    let kinds = |events: &[SseEvent]| -> Vec<String> {
+        events.iter().map(|event| event.event.clone()).collect()
+    };
+    assert_eq!(kinds(&sent), ["status", "status"]);
+    assert_eq!(kinds(&mine), ["reset", "status"]);
+
+    for (template, events) in [("/orders/{id}/events", &sent), ("/orders/events", &mine)] {
+        let documented = documented_events(&document, template);
+        let mut documented_kinds: Vec<&String> = documented.keys().collect();
+        let mut sent_kinds: Vec<String> = kinds(events);
+        sent_kinds.sort();
+        sent_kinds.dedup();
+        documented_kinds.sort();
+        assert_eq!(
+            documented_kinds,
+            sent_kinds.iter().collect::<Vec<_>>(),
+            "{template}"
+        );
+        for event in events.iter() {
+            assert_conforms(&document, documented[&event.event], event);
+        }
     }
 }
