@@ -1,3 +1,7 @@
+//! The `api` binary: the orders HTTP API (axum), and with `--with-worker` the queue worker in the same process.
+//! `api migrate` applies the database migrations and exits. A thin shim: reading `.env` and the settings, then
+//! everything else is in the `api` library ([`api::App`]).
+
 use std::process::ExitCode;
 
 use api::{App, Config, config::Command};

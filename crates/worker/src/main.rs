@@ -1,3 +1,7 @@
+//! The `worker` binary: consumes the order queue from Redis, moves each order `PENDING → PROCESSING → COMPLETED`
+//! and runs the reconciler and the janitor beside it. `worker requeue` re-drives parked or stuck orders. The work
+//! itself is in the `worker` library.
+
 use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;

@@ -41,7 +41,7 @@ pub struct Claims {
     pub jti: Uuid,
     /// Access or refresh.
     pub typ: TokenKind,
-    /// Always [`ISSUER`].
+    /// Always `ISSUER`.
     pub iss: String,
     /// The session (refresh token family) the token was issued in; absent from tokens issued before sessions were
     /// named in them. A stream ends when its session does.

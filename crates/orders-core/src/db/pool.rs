@@ -40,7 +40,7 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(5);
 ///
 /// sqlx's default `test_before_acquire` pings every connection on every checkout: one extra round trip per
 /// statement, which under load cost as much as the statement itself. Only a connection idle longer than
-/// [`CHECK_IDLE_AFTER`] (the kind a database restart or a firewall may have cut) is pinged now; a busy one was
+/// `CHECK_IDLE_AFTER` (the kind a database restart or a firewall may have cut) is pinged now; a busy one was
 /// proven alive by its last statement.
 pub fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     PgPoolOptions::new()
@@ -193,9 +193,9 @@ const KEEP_AT_MOST: Duration = Duration::from_secs(60);
 ///
 /// sqlx returns a connection to its pool through a spawned task that first pings it: a round trip per
 /// statement, with no setting to turn it off. On the list path, with PostgreSQL on the same two cores, that
-/// ping cost about 7 % of the requests served. A kept connection skips both; one idle for [`KEEP_IDLE_FOR`], or
-/// kept for [`KEEP_AT_MOST`], goes back to the pool (pinged then, as usual), so a quiet batcher holds nothing. A
-/// statement that fails drops its connection (the [`Kept`] is not given back), and the pool checks it as it
+/// ping cost about 7 % of the requests served. A kept connection skips both; one idle for `KEEP_IDLE_FOR`, or
+/// kept for `KEEP_AT_MOST`, goes back to the pool (pinged then, as usual), so a quiet batcher holds nothing. A
+/// statement that fails drops its connection (the `Kept` is not given back), and the pool checks it as it
 /// would any other.
 #[derive(Debug, Clone)]
 pub struct KeptConnections {
@@ -268,7 +268,7 @@ impl KeptConnections {
     }
 
     /// Keeps `kept` for the next statement (after one that succeeded on it), unless it has been kept for
-    /// [`KEEP_AT_MOST`]: then it goes back to the pool.
+    /// `KEEP_AT_MOST`: then it goes back to the pool.
     pub fn give_back(&self, kept: Kept) {
         if kept.since.elapsed() < KEEP_AT_MOST {
             self.lock().push((kept, Instant::now()));
