@@ -745,44 +745,78 @@ async fn assert_refused(response: Response, max_retry_after: u64, what: &str) {
     );
 }
 
-/// Two rate-limited apis on one queue. The per-account login throttle (PostgreSQL) holds across them: ten
-/// failures for one email, from ten clients, over both apis, then the eleventh is refused. And so does the
+/// Two rate-limited apis on one queue. The login throttle (PostgreSQL) holds across them, both its count per
+/// account and client and its bound per account over all clients. And so does the
 /// per-client login limit (Redis, under the queue's prefix): five logins from one client over both apis, then
 /// the sixth is refused, although neither api saw more than three.
 ///
-/// The account throttle is checked first, so that it is checked even when the shared limit fails.
+/// The login throttle is checked first, so that it is checked even when the shared limit fails.
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn login_limits_hold_across_two_api_processes(db: PgPool) {
     let mut fleet = Fleet::new(&db);
+    // Two attempts per account and client, so twenty per account over all clients.
+    let limited = [LIMITED, &[("LOGIN_MAX_FAILURES", "2")]].concat();
     let apis = [
-        fleet.spawn_api("api-1", LIMITED).await,
-        fleet.spawn_api("api-2", LIMITED).await,
+        fleet.spawn_api("api-1", &limited).await,
+        fleet.spawn_api("api-2", &limited).await,
     ];
     let client = client();
-
-    // The account: each attempt from a client of its own, so that no per-client limit is reached.
     let email = format!("target-{}@example.com", Uuid::new_v4());
-    for n in 1..=10 {
-        let api = &apis[(n - 1) % 2];
-        let response = wrong_login(&client, api, &email, &format!("10.0.0.{n}")).await;
+
+    // One client at one account, on both apis: the pair's count is shared, so its third attempt is refused.
+    for (n, api) in apis.iter().enumerate() {
         assert_eq!(
-            response.status(),
+            wrong_login(&client, api, &email, "10.0.0.1").await.status(),
             StatusCode::UNAUTHORIZED,
-            "failed login {n} of the account, on {}",
+            "attempt {} of the client at the account, on {}",
+            n + 1,
             api.label
         );
     }
-    let eleventh = wrong_login(&client, &apis[0], &email, "10.0.0.11").await;
     assert_refused(
-        eleventh,
+        wrong_login(&client, &apis[0], &email, "10.0.0.1").await,
         900,
-        "the 11th failed login of an account within 15 minutes, over two apis",
+        "the 3rd attempt of one client at one account within 15 minutes, over two apis",
     )
     .await;
-    // Only that account: another one, from another client, is answered as usual.
+
+    // The account's own bound, over all clients and both apis: 20 attempts. Clients .2 to .9 spend 2 each, .10
+    // one, .11 one (20 in all, with .1's two).
+    let mut spent = 2;
+    for n in 2..=11 {
+        let tries = if n >= 10 { 1 } else { 2 };
+        for _ in 0..tries {
+            let api = &apis[spent % 2];
+            let response = wrong_login(&client, api, &email, &format!("10.0.0.{n}")).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "attempt {} at the account (client .{n}, on {})",
+                spent + 1,
+                api.label
+            );
+            spent += 1;
+        }
+    }
+    // Spent: a client that has tried the account is refused, though its own count would allow one more...
+    assert_refused(
+        wrong_login(&client, &apis[1], &email, "10.0.0.10").await,
+        900,
+        "a client that tried the account, once its 20 attempts over both apis are spent",
+    )
+    .await;
+    // ...while a client new to the account still has its password checked (the owner's own device gets in).
+    assert_eq!(
+        wrong_login(&client, &apis[0], &email, "10.0.0.12")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED,
+        "a client new to the account"
+    );
+    // Only that account: another one, from an attacking client, is answered as usual.
     let bystander = format!("bystander-{}@example.com", Uuid::new_v4());
     assert_eq!(
-        wrong_login(&client, &apis[1], &bystander, "10.0.0.12")
+        wrong_login(&client, &apis[1], &bystander, "10.0.0.2")
             .await
             .status(),
         StatusCode::UNAUTHORIZED,
