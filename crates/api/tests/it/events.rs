@@ -271,14 +271,7 @@ async fn the_streams_accept_exactly_the_last_event_ids_the_schema_allows(pool: P
     let app = TestApp::spawn(pool).await;
     let user = app.new_user().await;
     let id = create(&app, &user.access).await;
-    let document = json(
-        app.client
-            .get(app.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let document = app.openapi().await;
     for (template, path) in [
         ("/orders/{id}/events", format!("/orders/{id}/events")),
         ("/orders/events", "/orders/events".to_owned()),

@@ -164,6 +164,18 @@ impl TestApp {
     }
 
     /// The text of `GET /metrics`, from the metrics listener.
+    /// The OpenAPI document the app serves.
+    pub async fn openapi(&self) -> Value {
+        json(
+            self.client
+                .get(self.url("/openapi.json"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn metrics(&self) -> String {
         let base = self.metrics_base.as_deref().expect("metrics are served");
         let response = self

@@ -41,14 +41,7 @@ async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_openapi_document_covers_every_route_and_the_bearer_scheme(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let document = json(
-        app.client
-            .get(app.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let document = app.openapi().await;
     assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = document["paths"].as_object().unwrap();
     for (path, method) in [
@@ -165,14 +158,7 @@ async fn the_event_routes_document_every_event_they_send(pool: PgPool) {
         config.sse_max_stream_seconds = Some(1);
     })
     .await;
-    let document = json(
-        app.client
-            .get(app.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let document = app.openapi().await;
     let user = app.new_user().await;
     let id = app.create_widget(&user.access).await;
     let order_path = format!("/orders/{id}/events");
