@@ -102,8 +102,9 @@ pub struct Config {
     #[command(flatten)]
     pub worker: worker::WorkerSettings,
 
-    /// Most event streams (GET /orders/{id}/events, GET /orders/events) one user may hold open on this process;
-    /// one more is answered 429.
+    /// Most event streams (GET /orders/{id}/events, GET /orders/events) one user may hold open, over every api
+    /// process with the same QUEUE_NAME (counted in Redis; while Redis does not answer, per process); one more is
+    /// answered 429.
     #[arg(long, env = "SSE_MAX_STREAMS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub sse_max_streams_per_user: u32,
 

@@ -1,6 +1,12 @@
 //! The OpenAPI document's frame; the paths and schemas come from the routes themselves.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
+
+use axum::{
+    extract::State,
+    http::header,
+    response::{IntoResponse, Response},
+};
 
 use utoipa::{
     Modify, OpenApi, PartialSchema, ToSchema,
@@ -10,6 +16,8 @@ use utoipa::{
         security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
     },
 };
+use utoipa_swagger_ui::{Config, SwaggerUi};
+use uuid::Uuid;
 
 /// Title, description, tags and the bearer scheme.
 #[derive(OpenApi)]
@@ -21,10 +29,12 @@ use utoipa::{
     ),
     modifiers(&BearerScheme),
     components(schemas(StatusEvent, ResetEvent, MyOrdersEvent)),
+    // In the order a newcomer uses them; within a tag, routes keep the order their routers list them in
+    // (utoipa's `preserve_path_order`), which Swagger UI shows as is.
     tags(
-        (name = "health", description = "Liveness and readiness"),
-        (name = "auth", description = "Accounts and sessions"),
+        (name = "auth", description = "Accounts and sessions: register, log in, then Authorize with the access token"),
         (name = "orders", description = "Orders of the logged-in user"),
+        (name = "health", description = "Liveness and readiness"),
     )
 )]
 pub struct ApiDoc;
@@ -45,6 +55,52 @@ impl Modify for BearerScheme {
             ),
         );
     }
+}
+
+/// The `Idempotency-Key` example as the routes declare it; each copy of the served document has a fresh UUID in
+/// its place.
+pub(crate) const IDEMPOTENCY_KEY_EXAMPLE: &str = "3f8e2b6c-0d1a-4c5e-9b7f-2a6d8c4e1f00";
+
+/// The document as `/openapi.json` serves it: serialized once, and each copy with a fresh `Idempotency-Key`
+/// example, so that Swagger UI's create form suggests a new key at every page load (Execute twice with it returns
+/// the same order, as a retry should; a new order wants a new key or a reload).
+#[derive(Clone)]
+pub struct ServedDocument(Arc<str>);
+
+impl ServedDocument {
+    pub fn new(openapi: &utoipa::openapi::OpenApi) -> Self {
+        let json = serde_json::to_string(openapi).expect("the OpenAPI document serializes");
+        debug_assert_eq!(
+            json.matches(IDEMPOTENCY_KEY_EXAMPLE).count(),
+            1,
+            "the Idempotency-Key example appears once in the document"
+        );
+        Self(json.into())
+    }
+
+    /// `GET /openapi.json`: never cached, so that a reload of Swagger UI gets a new key.
+    pub async fn serve(State(document): State<Self>) -> Response {
+        let fresh = Uuid::new_v4().to_string();
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            document.0.replacen(IDEMPOTENCY_KEY_EXAMPLE, &fresh, 1),
+        )
+            .into_response()
+    }
+}
+
+/// Swagger UI's settings: the authorization survives a reload (kept in the browser's local storage), the request
+/// duration shows beside each answer, and every operation's "Try it out" is already open.
+pub fn swagger_ui() -> SwaggerUi {
+    SwaggerUi::new("/docs").config(
+        Config::new(["/openapi.json"])
+            .persist_authorization(true)
+            .display_request_duration(true)
+            .try_it_out_enabled(true),
+    )
 }
 
 /// Marks every request body (`…Request`) as closed (`additionalProperties: false`), as the server treats it:

@@ -22,7 +22,6 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tracing::Instrument as _;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
     auth::{jwt::JwtKeys, password::PasswordHasher},
@@ -243,16 +242,21 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
         .split_for_parts();
     crate::openapi::close_request_bodies(&mut openapi);
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
-        .layer(middleware::from_fn(crate::metrics::track))
-        .layer(middleware::from_fn(in_request_span))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(middleware::from_fn(drop_unusable_request_id))
+    let document = crate::openapi::ServedDocument::new(&openapi);
+    api.route(
+        "/openapi.json",
+        axum::routing::get(crate::openapi::ServedDocument::serve).with_state(document),
+    )
+    .merge(crate::openapi::swagger_ui())
+    .fallback(not_found)
+    .method_not_allowed_fallback(method_not_allowed)
+    .layer(DefaultBodyLimit::max(BODY_LIMIT))
+    .layer(middleware::from_fn_with_state(request_timeout, time_limit))
+    .layer(middleware::from_fn(crate::metrics::track))
+    .layer(middleware::from_fn(in_request_span))
+    .layer(PropagateRequestIdLayer::x_request_id())
+    .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+    .layer(middleware::from_fn(drop_unusable_request_id))
 }
 
 /// Runs the request's handler, and the middleware inside this one, in a span carrying its method, path and

@@ -35,7 +35,8 @@ use crate::{
     state::AppState,
 };
 
-/// Routes of this module, each with its own rate limit.
+/// Routes of this module, each with its own rate limit, in the order people use them: the OpenAPI document and
+/// Swagger UI list them so.
 pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(per_route.apply(
@@ -50,13 +51,13 @@ pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<App
             "login",
             limits.rate_limit_login_per_minute,
         ))
+        .routes(routes!(me))
         .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(refresh)),
             "refresh",
             limits.rate_limit_refresh_per_minute,
         ))
         .routes(routes!(logout))
-        .routes(routes!(me))
 }
 
 /// A new account.
@@ -68,14 +69,14 @@ pub struct RegisterRequest {
     // White_Space), then 1–100 characters, none a control character, the first and the last not whitespace, then
     // whitespace. No maxLength: the whitespace around the name does not count.
     #[schema(
-        example = "Ada Lovelace",
+        example = "Grace Hopper",
         min_length = 1,
         pattern = r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000](?:[^\u0000-\u001F\u007F-\u009F]{0,98}[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000])?[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
     )]
     #[schema(value_type = String)]
     name: UserName,
     /// A valid address, at most 254 characters; compared case-insensitively.
-    #[schema(value_type = String, example = "ada@example.com", format = Email, max_length = 254)]
+    #[schema(value_type = String, example = "grace@example.com", format = Email, max_length = 254)]
     email: Email,
     /// 8–128 characters.
     #[schema(value_type = String, format = Password, example = "correct horse battery staple", min_length = 8, max_length = 128)]
@@ -148,9 +149,9 @@ fn check_password(password: &SecretString) -> Result<(), Invalid> {
 /// Creates an account.
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest, responses(
     (status = 201, body = UserResponse, description = "Account created"),
-    (status = 409, body = ErrorBody, description = "Email already registered"),
+    (status = 409, body = ErrorBody, description = "Email already registered", example = json!({"detail": "Email already registered"})),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
-    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem", example = json!({"detail": [{"loc": ["body", "email"], "msg": "value is not a valid email address", "type": "value_error"}, {"loc": ["body", "password"], "msg": "String should have at least 8 characters", "type": "string_too_short"}]})),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min)", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
@@ -172,7 +173,7 @@ async fn register(
 /// Credentials.
 #[derive(Debug, ToSchema)]
 pub struct LoginRequest {
-    #[schema(value_type = String, example = "ada@example.com", format = Email, max_length = 254)]
+    #[schema(value_type = String, example = "grace@example.com", format = Email, max_length = 254)]
     email: Email,
     #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
     password: SecretString,
@@ -308,9 +309,9 @@ async fn identify_client(
 /// Logs in: a token pair in the body and the refresh token in an HttpOnly cookie (starts a new session).
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest, responses(
     (status = 200, body = TokenResponse, description = "A token pair; the refresh token is also set as an HttpOnly cookie", headers(("Set-Cookie" = String, description = "refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth"))),
-    (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)"),
+    (status = 401, body = ErrorBody, description = "Invalid credentials (unknown email and wrong password alike)", example = json!({"detail": "Invalid credentials"})),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
-    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem", example = json!({"detail": [{"loc": ["body", "password"], "msg": "Field required", "type": "missing"}]})),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (5/min per client), or too many attempts for this account from this client (10 per 15 min, whether or not the account exists; a successful login resets the count), or, once the account has had 100 attempts in 15 min, any attempt from a client that has already tried it", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
@@ -380,9 +381,9 @@ const INVALID_REFRESH: &str = "Invalid or expired refresh token";
 /// session (reuse detection).
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 200, body = TokenResponse, description = "A new pair; the refresh token is new too"),
-    (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, a session past SESSION_MAX_DAYS, or an access token"),
+    (status = 401, body = ErrorBody, description = "Invalid, expired, revoked or reused refresh token, a session past SESSION_MAX_DAYS, or an access token", example = json!({"detail": "Invalid or expired refresh token"})),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
-    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem", example = json!({"detail": [{"loc": ["body", "refresh_token"], "msg": "Input should be a valid string", "type": "string_type"}]})),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
@@ -425,9 +426,9 @@ async fn refresh(
 /// Access tokens already issued stay valid until they expire (ACCESS_TOKEN_EXPIRE_MINUTES, 15 by default).
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])), request_body(content = Option<RefreshRequest>, description = "Or an empty body with the `refresh_token` cookie"), responses(
     (status = 204, description = "Session revoked (or already ended); the refresh token and event-stream cookies are cleared"),
-    (status = 401, body = ErrorBody, description = "Missing or invalid access token, a missing, invalid or expired refresh token, or one that is not this user's"),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token, a missing, invalid or expired refresh token, or one that is not this user's", example = json!({"detail": "Missing refresh token"})),
     (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
-    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+    (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem", example = json!({"detail": [{"loc": ["body", "refresh_token"], "msg": "Field required", "type": "missing"}]})),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn logout(
@@ -469,7 +470,7 @@ async fn logout(
 /// The logged-in user.
 #[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])), responses(
     (status = 200, body = UserResponse, description = "The user"),
-    (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
     (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
 ))]
 async fn me(

@@ -112,7 +112,7 @@ fn authority(user: &AuthUser) -> Authority {
 #[utoipa::path(post, path = "/orders/events/cookie", tag = "orders", security(("bearer" = [])),
     responses(
         (status = 204, description = "The cookie is set", headers(("Set-Cookie" = String, description = "order_events=...; HttpOnly; Secure; SameSite=Strict; Path=/orders; Max-Age=<the access token's remaining life>"))),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
     ))]
 async fn events_cookie_for_browsers(
     State(state): State<AppState>,
@@ -147,6 +147,12 @@ async fn events_cookie_for_browsers(
 /// Authenticated by the access token, or by the `order_events` cookie (see `POST /orders/events/cookie`). The
 /// stream ends when that token expires, and within 2 s of its session ending (logout, or a revoked session):
 /// reconnect with a fresh token and `Last-Event-ID` to resume.
+///
+/// **Watching it live.** Swagger UI shows an answer only once it has ended: Execute here waits until the order is
+/// finished, then shows every event at once. To see each event as it comes, from a terminal:
+/// `curl -N http://localhost:8000/orders/ORDER_ID/events -H "Authorization: Bearer $TOKEN"`; from a page of this
+/// origin: `await fetch('/orders/events/cookie', {method: 'POST', headers: {Authorization: 'Bearer ' + token}})`,
+/// then `new EventSource('/orders/ORDER_ID/events').addEventListener('status', e => console.log(e.data))`.
 #[utoipa::path(get, path = "/orders/{id}/events", tag = "orders", security(("bearer" = [])),
     params(
         ("id" = uuid::Uuid, Path, description = "The order's id"),
@@ -156,9 +162,9 @@ async fn events_cookie_for_browsers(
         (status = 200, description = "Events `status`, each with `id` and the order as JSON `data`; the stream ends after COMPLETED or CANCELLED",
             content(("text/event-stream", item_schema = StatusEvent, example = json!("event: status\nid: 0\ndata: {\"id\":\"01a2…\",\"status\":\"PENDING\",…}\n\n")))),
         (status = 204, description = "Nothing more to send: the order is finished and `Last-Event-ID` was its last change"),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-        (status = 404, body = ErrorBody, description = "No such order of yours"),
-        (status = 422, body = ValidationErrorBody, description = "Malformed id or Last-Event-ID"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 404, body = ErrorBody, description = "No such order of yours", example = json!({"detail": "Order not found"})),
+        (status = 422, body = ValidationErrorBody, description = "Malformed id or Last-Event-ID", example = json!({"detail": [{"loc": ["path", "id"], "msg": "Input should be a valid UUID, invalid character: found `n` at 0", "type": "uuid_parsing"}]})),
         (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already, or 30 streams were opened in the last minute by this client or this user (RATE_LIMIT_OPEN_STREAM_PER_MINUTE)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL unavailable, or this server holds SSE_MAX_STREAMS streams", headers(("Retry-After" = u64))),
     ))]
@@ -213,6 +219,13 @@ async fn order_events(
 /// the orders with `GET /orders/my-orders`.
 ///
 /// Authenticated, and ended, as `GET /orders/{id}/events` is.
+///
+/// **Watching it live.** This stream stays open, and Swagger UI shows an answer only once it has ended: Execute
+/// here waits for as long as the stream lasts, with nothing on the page. Watch it from a terminal instead:
+/// `curl -N http://localhost:8000/orders/events -H "Authorization: Bearer $TOKEN"` (Ctrl-C to stop), and create or
+/// cancel orders meanwhile; or from a page of this origin: `await fetch('/orders/events/cookie', {method: 'POST',
+/// headers: {Authorization: 'Bearer ' + token}})`, then
+/// `new EventSource('/orders/events').addEventListener('status', e => console.log(e.data))`.
 #[utoipa::path(get, path = "/orders/events", tag = "orders", security(("bearer" = [])),
     params(
         ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "The id of the last event received: the stream resumes after it. Event ids are whole numbers, 0 or more"),
@@ -220,8 +233,8 @@ async fn order_events(
     responses(
         (status = 200, description = "Events `status`, each with `id` and the order as JSON `data` (and `reset` first, when `Last-Event-ID` is too far back)",
             content(("text/event-stream", item_schema = MyOrdersEvent, example = json!("event: status\nid: 42\ndata: {\"id\":\"01a2…\",\"status\":\"PROCESSING\",…}\n\n")))),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-        (status = 422, body = ValidationErrorBody, description = "Malformed Last-Event-ID"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 422, body = ValidationErrorBody, description = "Malformed Last-Event-ID", example = json!({"detail": [{"loc": ["header", "Last-Event-ID"], "msg": "Last-Event-ID must be the id of an event this stream sent", "type": "int_parsing"}]})),
         (status = 429, body = ErrorBody, description = "SSE_MAX_STREAMS_PER_USER streams (10 by default) are open already, or 30 streams were opened in the last minute by this client or this user (RATE_LIMIT_OPEN_STREAM_PER_MINUTE)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL unavailable, or this server holds SSE_MAX_STREAMS streams", headers(("Retry-After" = u64))),
     ))]

@@ -38,7 +38,8 @@ use crate::{
     state::AppState,
 };
 
-/// Routes of this module, each with its own rate limit.
+/// Routes of this module, each with its own rate limit, in the order people use them: the OpenAPI document and
+/// Swagger UI list them so.
 pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(per_route.apply(
@@ -52,14 +53,14 @@ pub fn router(limits: &RateLimits, per_route: &RouteLimits) -> OpenApiRouter<App
             limits.rate_limit_list_orders_per_minute,
         ))
         .merge(per_route.apply(
-            OpenApiRouter::new().routes(routes!(cancel_order)),
-            "cancel_order",
-            limits.rate_limit_cancel_order_per_minute,
-        ))
-        .merge(per_route.apply(
             OpenApiRouter::new().routes(routes!(get_order)),
             "get_order",
             limits.rate_limit_get_order_per_minute,
+        ))
+        .merge(per_route.apply(
+            OpenApiRouter::new().routes(routes!(cancel_order)),
+            "cancel_order",
+            limits.rate_limit_cancel_order_per_minute,
         ))
 }
 
@@ -154,10 +155,10 @@ impl FromFields for CreateOrderRequest {
     responses(
         (status = 201, body = OrderResponse, description = "Order created"),
         (status = 200, body = OrderResponse, description = "A repeat of an earlier request with the same Idempotency-Key: the first order"),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-        (status = 409, body = ErrorBody, description = "Idempotency-Key was used with a different request"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 409, body = ErrorBody, description = "Idempotency-Key was used with a different request", example = json!({"detail": "Idempotency-Key was used with a different request"})),
         (status = 413, body = ErrorBody, description = "Request body larger than 64 KiB"), (status = 415, body = ErrorBody, description = "Content-Type is not application/json"),
-        (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem"),
+        (status = 422, body = ValidationErrorBody, description = "Invalid input: one entry per problem", example = json!({"detail": [{"loc": ["body", "product_name"], "msg": "String should have at least 1 character after trimming", "type": "string_too_short"}, {"loc": ["body", "amount"], "msg": "Input should be greater than 0", "type": "greater_than"}]})),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (20/min)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "Not created: PostgreSQL unavailable or too slow, or too many creates waiting", headers(("Retry-After" = u64))),
     ))]
@@ -357,9 +358,11 @@ async fn ensure_user_exists(state: &AppState, user: AuthUser) -> ApiResult<()> {
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)] // only describes the header; `IdempotencyKeyHeader` reads it
 struct IdempotencyKeyParam {
-    /// 1–255 visible ASCII characters; a repeat of the same request with it returns the first order.
+    /// 1–255 visible ASCII characters, unique per order (a UUID does); a repeat of the same request with it
+    /// returns the first order. Swagger UI suggests a fresh one at each page load.
     #[param(
         rename = "Idempotency-Key",
+        example = "3f8e2b6c-0d1a-4c5e-9b7f-2a6d8c4e1f00",
         required = false,
         min_length = 1,
         max_length = 255,
@@ -427,8 +430,8 @@ fn decode_cursor(raw: &str) -> Option<OrderCursor> {
 /// (rel="next") holds the URL of the next page.
 #[utoipa::path(get, path = "/orders/my-orders", tag = "orders", security(("bearer" = [])), params(ListQuery), responses(
     (status = 200, body = Vec<OrderResponse>, description = "My orders, newest first", headers(("Link" = String, description = "`</orders/my-orders?...&cursor=...>; rel=\"next\"` when more orders exist"))),
-    (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-    (status = 422, body = ValidationErrorBody, description = "Bad status, limit or cursor"),
+    (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+    (status = 422, body = ValidationErrorBody, description = "Bad status, limit or cursor", example = json!({"detail": [{"loc": ["query", "status"], "msg": "Input should be 'PENDING', 'PROCESSING', 'COMPLETED' or 'CANCELLED'", "type": "enum"}]})),
     (status = 429, body = ErrorBody, description = "Rate limit exceeded (30/min)", headers(("Retry-After" = u64))),
     (status = 503, body = ErrorBody, description = "PostgreSQL unavailable or too slow, or too many reads waiting", headers(("Retry-After" = u64))),
 ))]
@@ -567,9 +570,9 @@ fn write_order(out: &mut Vec<u8>, order: &Order) -> serde_json::Result<()> {
     params(("id" = Uuid, Path, description = "The order's id")),
     responses(
         (status = 200, body = OrderResponse, description = "The order"),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-        (status = 404, body = ErrorBody, description = "No such order of yours"),
-        (status = 422, body = ValidationErrorBody, description = "Malformed id"),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 404, body = ErrorBody, description = "No such order of yours", example = json!({"detail": "Order not found"})),
+        (status = 422, body = ValidationErrorBody, description = "Malformed id", example = json!({"detail": [{"loc": ["path", "id"], "msg": "Input should be a valid UUID, invalid character: found `n` at 0", "type": "uuid_parsing"}]})),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (60/min)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]
@@ -591,11 +594,11 @@ async fn get_order(
 #[utoipa::path(patch, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order's id")),
     responses(
-        (status = 200, body = OrderResponse, description = "Cancelled"),
-        (status = 401, body = ErrorBody, description = "Missing or invalid access token"),
-        (status = 404, body = ErrorBody, description = "No such order of yours"),
-        (status = 409, body = ErrorBody, description = "Only pending orders can be cancelled"),
-        (status = 422, body = ValidationErrorBody, description = "Malformed id"),
+        (status = 200, body = OrderResponse, description = "Cancelled", example = json!({"id": "01a2490a-4290-7584-864f-f4f11ccd2288", "user_id": "01a2490a-3199-72ac-be9d-2b67ed4b65c0", "product_name": "Widget", "amount": 19.99, "status": "CANCELLED", "created_at": "2026-12-06T01:48:58.897066Z", "updated_at": "2026-12-06T01:48:58.941241Z"})),
+        (status = 401, body = ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 404, body = ErrorBody, description = "No such order of yours", example = json!({"detail": "Order not found"})),
+        (status = 409, body = ErrorBody, description = "Only pending orders can be cancelled", example = json!({"detail": "Only pending orders can be cancelled"})),
+        (status = 422, body = ValidationErrorBody, description = "Malformed id", example = json!({"detail": [{"loc": ["path", "id"], "msg": "Input should be a valid UUID, invalid character: found `n` at 0", "type": "uuid_parsing"}]})),
         (status = 429, body = ErrorBody, description = "Rate limit exceeded (10/min)", headers(("Retry-After" = u64))),
         (status = 503, body = ErrorBody, description = "PostgreSQL or Redis unavailable"),
     ))]

@@ -1,8 +1,10 @@
-//! A real browser subscribes natively: Debian's chromium, headless, driven by playwright-core
-//! (`crates/api/tests/browser/`), opens `new EventSource('/orders/<id>/events')` on a page of the api's origin,
-//! with the `order_events` cookie, sees the order move, gets the rest after the connection drops mid-way, and
-//! stops by itself once the order is finished. Needs `chromium` (or CHROMIUM) and `npm ci` in that folder:
-//! `scripts/dev test` and CI install both.
+//! Real browsers, Debian's chromium headless, driven by playwright-core (`crates/api/tests/browser/`):
+//! - Swagger UI used through the page as a newcomer would (`swagger.mjs`);
+//! - a page of the api's origin that opens `new EventSource('/orders/<id>/events')` with the `order_events` cookie,
+//!   sees the order move, gets the rest after the connection drops mid-way, and stops by itself once the order is
+//!   finished (`eventsource.mjs`).
+//!
+//! Needs `chromium` (or CHROMIUM) and `npm ci` in that folder: `scripts/dev test` and CI install both.
 
 use std::{
     process::Stdio,
@@ -159,6 +161,88 @@ async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_b
     assert!(log["opens"].as_u64().unwrap() >= 2, "{log}");
     assert_eq!(log["closed"], true, "{log}");
     assert!(node.wait().await.unwrap().success());
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// Swagger UI works for a person: through the page alone, with the examples it fills in, a newcomer registers, logs
+/// in, authorizes (which survives a reload), creates an order with the suggested Idempotency-Key (Execute twice:
+/// one order), lists it and cancels it while a worker with 30 s stages has not reached it yet. Screenshots of each
+/// step: `target/swagger-*.png`.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_newcomer_registers_logs_in_creates_lists_and_cancels_in_swagger_ui(pool: PgPool) {
+    let app = TestApp::spawn(pool.clone()).await;
+    let mut queue = worker::Config::parse_from(["worker"]).queue;
+    queue.redis_url = redis_url();
+    queue.queue_name = app.queue_name.clone();
+    let mut settings = worker::Config::parse_from(["worker"]).worker;
+    settings.order_stage_delay_ms = 30_000;
+    settings.order_lease_ms = 70_000;
+    settings.worker_poll_interval_ms = 20;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(worker::run(settings, queue, pool.clone(), stop.clone()));
+
+    let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let screenshots = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
+    let run = tokio::process::Command::new("node")
+        .arg(format!("{folder}/swagger.mjs"))
+        .args([&app.base, screenshots])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the page is done within 120 s")
+        .expect("node is installed (apt-get install nodejs npm)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let log: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "no result from the browser: is chromium installed, and `npm ci` run in {folder}?\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(log.get("error").is_none(), "{log}");
+    let steps: Vec<(&str, u64)> = log["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            (
+                step["step"].as_str().unwrap(),
+                step["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("register", 201),
+            ("login", 200),
+            ("create", 201),
+            ("create-again", 200),
+            ("list", 200),
+            ("cancel", 200),
+        ],
+        "{log}"
+    );
+    assert_eq!(log["authorized_after_reload"], true, "{log}");
+    assert_eq!(log["created_twice_same"], true, "{log}");
+    let key = log["idempotency_key"].as_str().unwrap();
+    assert!(uuid::Uuid::parse_str(key).is_ok(), "suggested key {key}");
+    let id: uuid::Uuid = log["order_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(log["listed"], serde_json::json!([id.to_string()]), "{log}");
+    assert_eq!(log["cancelled_status"], "CANCELLED", "{log}");
+
+    // What the page did is what the database holds: one order, cancelled, under the example's account.
+    let orders: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+        "select o.id, o.status::text, u.email from orders o join users u on u.id = o.user_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        orders,
+        [(id, "CANCELLED".to_owned(), "grace@example.com".to_owned())]
+    );
     stop.cancel();
     worker.await.unwrap().unwrap();
 }

@@ -163,7 +163,6 @@ impl TestApp {
             .expect("request")
     }
 
-    /// The text of `GET /metrics`, from the metrics listener.
     /// The OpenAPI document the app serves.
     pub async fn openapi(&self) -> Value {
         json(
@@ -176,6 +175,7 @@ impl TestApp {
         .await
     }
 
+    /// The text of `GET /metrics`, from the metrics listener.
     pub async fn metrics(&self) -> String {
         let base = self.metrics_base.as_deref().expect("metrics are served");
         let response = self

@@ -26,7 +26,9 @@ async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let document = json(response).await;
+    let mut document = json(response).await;
+    // Fresh in each copy (see `swagger_ui_suggests_a_fresh_idempotency_key_at_each_load`).
+    *idempotency_key_example(&mut document) = json!("(a fresh UUID in each copy)");
     let pretty = serde_json::to_string_pretty(&document).unwrap() + "\n";
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(SNAPSHOT, &pretty).unwrap();
@@ -35,6 +37,194 @@ async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
     assert!(
         pretty == snapshot,
         "openapi.json differs from {SNAPSHOT}; if intended, rerun with UPDATE_SNAPSHOTS=1"
+    );
+}
+
+/// The example of the create route's `Idempotency-Key` header.
+fn idempotency_key_example(document: &mut Value) -> &mut Value {
+    document["paths"]["/orders/create"]["post"]["parameters"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|param| param["name"] == "Idempotency-Key")
+        .expect("the create route declares Idempotency-Key")
+        .get_mut("example")
+        .expect("Idempotency-Key has an example")
+}
+
+/// Swagger UI fills "Try it out" with the examples: each load of the page gets a new key, so that Execute makes
+/// one order however often it is pressed, and a reload makes the next one.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn swagger_ui_suggests_a_fresh_idempotency_key_at_each_load(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let response = app
+            .client
+            .get(app.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        let mut document = json(response).await;
+        let key = idempotency_key_example(&mut document)
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let uuid = uuid::Uuid::parse_str(&key).expect("the suggested key is a UUID");
+        assert_eq!(uuid.get_version_num(), 4, "{key}");
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "each copy has its own key");
+}
+
+/// Swagger UI lists operations in the document's order: the routes come as a newcomer uses them, tags too.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_document_lists_routes_in_the_order_people_use_them(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let text = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let in_order = [
+        "/auth/register",
+        "/auth/login",
+        "/auth/me",
+        "/auth/refresh",
+        "/auth/logout",
+        "/orders/create",
+        "/orders/my-orders",
+        "/orders/{id}",
+        "/orders/{id}/cancel",
+        "/orders/{id}/events",
+        "/orders/events",
+        "/orders/events/cookie",
+    ];
+    let at: Vec<usize> = in_order
+        .iter()
+        .map(|path| {
+            text.find(&format!("\"{path}\":{{"))
+                .unwrap_or_else(|| panic!("{path} missing"))
+        })
+        .collect();
+    assert!(at.is_sorted(), "paths out of order: {in_order:?} at {at:?}");
+    let document: Value = serde_json::from_str(&text).unwrap();
+    let tags: Vec<&str> = document["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tag| tag["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["auth", "orders", "health"]);
+}
+
+/// The examples Swagger UI shows and sends are true to their route, and run after the README's walkthrough
+/// without a clash: their own account (register, then log in with the same password), a cancel that shows
+/// CANCELLED, and 422 examples that name a field or parameter of their own route. Authorization survives a reload.
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn swagger_ui_examples_are_true_to_each_route(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let document = app.openapi().await;
+    let schemas = &document["components"]["schemas"];
+    let register = &schemas["RegisterRequest"]["properties"];
+    let login = &schemas["LoginRequest"]["properties"];
+    assert_ne!(
+        register["email"]["example"], "ada@example.com",
+        "the README's walkthrough registers ada@example.com"
+    );
+    assert_eq!(register["email"]["example"], login["email"]["example"]);
+    assert_eq!(
+        register["password"]["example"],
+        login["password"]["example"]
+    );
+    // The examples are accepted as they are: register, then log in.
+    let body = |properties: &Value| -> Value {
+        properties
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(name, schema)| (name.clone(), schema["example"].clone()))
+            .collect()
+    };
+    let registered = app
+        .client
+        .post(app.url("/auth/register"))
+        .json(&body(register))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let logged_in = app
+        .client
+        .post(app.url("/auth/login"))
+        .json(&body(login))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logged_in.status(), StatusCode::OK);
+
+    let cancelled = &document["paths"]["/orders/{id}/cancel"]["patch"]["responses"]["200"]["content"]
+        ["application/json"]["example"];
+    assert_eq!(cancelled["status"], "CANCELLED");
+
+    let mut checked = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let Some(example) =
+                operation["responses"]["422"]["content"]["application/json"].get("example")
+            else {
+                continue;
+            };
+            // The body's schema, or the one of its `oneOf` that is not `null` (an optional body).
+            let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+            let body_fields: Vec<String> = std::iter::once(schema)
+                .chain(schema["oneOf"].as_array().into_iter().flatten())
+                .find_map(|schema| schema["$ref"].as_str())
+                .and_then(|reference| reference.rsplit('/').next())
+                .and_then(|name| schemas[name]["properties"].as_object())
+                .map(|properties| properties.keys().cloned().collect())
+                .unwrap_or_default();
+            for problem in example["detail"].as_array().unwrap() {
+                let (place, name) = (
+                    problem["loc"][0].as_str().unwrap(),
+                    problem["loc"][1].as_str().unwrap(),
+                );
+                let known = if place == "body" {
+                    body_fields.iter().any(|field| field == name)
+                } else {
+                    operation["parameters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|param| param["in"] == place && param["name"].as_str() == Some(name))
+                };
+                assert!(
+                    known,
+                    "{method} {path}: its 422 example names {place} {name}, which it does not take"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} 422 examples");
+
+    let initializer = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        initializer.contains("\"persistAuthorization\": true"),
+        "{initializer}"
     );
 }
 
