@@ -150,7 +150,7 @@ async fn events_cookie_for_browsers(
 ///
 /// **Watching it live.** Swagger UI shows an answer only once it has ended: Execute here waits until the order is
 /// finished, then shows every event at once. To see each event as it comes, from a terminal:
-/// `curl -N http://localhost:8000/orders/ORDER_ID/events -H "Authorization: Bearer $TOKEN"`; from a page of this
+/// `curl -sN http://localhost:8000/orders/ORDER_ID/events -H "Authorization: Bearer $TOKEN"`; from a page of this
 /// origin: `await fetch('/orders/events/cookie', {method: 'POST', headers: {Authorization: 'Bearer ' + token}})`,
 /// then `new EventSource('/orders/ORDER_ID/events').addEventListener('status', e => console.log(e.data))`.
 #[utoipa::path(get, path = "/orders/{id}/events", tag = "orders", security(("bearer" = [])),
@@ -222,7 +222,7 @@ async fn order_events(
 ///
 /// **Watching it live.** This stream stays open, and Swagger UI shows an answer only once it has ended: Execute
 /// here waits for as long as the stream lasts, with nothing on the page. Watch it from a terminal instead:
-/// `curl -N http://localhost:8000/orders/events -H "Authorization: Bearer $TOKEN"` (Ctrl-C to stop), and create or
+/// `curl -sN http://localhost:8000/orders/events -H "Authorization: Bearer $TOKEN"` (Ctrl-C to stop), and create or
 /// cancel orders meanwhile; or from a page of this origin: `await fetch('/orders/events/cookie', {method: 'POST',
 /// headers: {Authorization: 'Bearer ' + token}})`, then
 /// `new EventSource('/orders/events').addEventListener('status', e => console.log(e.data))`.
