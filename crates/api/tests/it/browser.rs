@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::{TcpListener, TcpStream},
-    task::AbortHandle,
+    task::{AbortHandle, JoinHandle},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +79,23 @@ impl Drop for CutProxy {
     }
 }
 
+/// A worker in this process on the app's queue, polling every 20 ms, with `adjust` applied to its settings.
+fn spawn_worker(
+    app: &TestApp,
+    pool: &PgPool,
+    adjust: impl FnOnce(&mut worker::WorkerSettings),
+) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
+    let mut queue = worker::Config::parse_from(["worker"]).queue;
+    queue.redis_url = redis_url();
+    queue.queue_name = app.queue_name.clone();
+    let mut settings = worker::Config::parse_from(["worker"]).worker;
+    settings.worker_poll_interval_ms = 20;
+    adjust(&mut settings);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(worker::run(settings, queue, pool.clone(), stop.clone()));
+    (stop, worker)
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_by_itself(
     pool: PgPool,
@@ -111,16 +128,11 @@ async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_b
     );
 
     // The order moves only now that the page follows it: a worker with 1 s stages.
-    let mut queue = worker::Config::parse_from(["worker"]).queue;
-    queue.redis_url = redis_url();
-    queue.queue_name = app.queue_name.clone();
-    let mut settings = worker::Config::parse_from(["worker"]).worker;
-    settings.order_stage_delay_ms = 1000;
-    settings.worker_poll_interval_ms = 20;
-    settings.reconcile_interval_ms = 200;
-    settings.reconcile_redeliver_after_ms = 500;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(settings, queue, pool.clone(), stop.clone()));
+    let (stop, worker) = spawn_worker(&app, &pool, |settings| {
+        settings.order_stage_delay_ms = 1000;
+        settings.reconcile_interval_ms = 200;
+        settings.reconcile_redeliver_after_ms = 500;
+    });
     let order: uuid::Uuid = id.parse().unwrap();
     let status = || async {
         sqlx::query_scalar::<_, String>("select status::text from orders where id = $1")
@@ -172,15 +184,10 @@ async fn a_browser_eventsource_follows_an_order_resumes_after_a_drop_and_stops_b
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_newcomer_registers_logs_in_creates_lists_and_cancels_in_swagger_ui(pool: PgPool) {
     let app = TestApp::spawn(pool.clone()).await;
-    let mut queue = worker::Config::parse_from(["worker"]).queue;
-    queue.redis_url = redis_url();
-    queue.queue_name = app.queue_name.clone();
-    let mut settings = worker::Config::parse_from(["worker"]).worker;
-    settings.order_stage_delay_ms = 30_000;
-    settings.order_lease_ms = 70_000;
-    settings.worker_poll_interval_ms = 20;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(settings, queue, pool.clone(), stop.clone()));
+    let (stop, worker) = spawn_worker(&app, &pool, |settings| {
+        settings.order_stage_delay_ms = 30_000;
+        settings.order_lease_ms = 70_000;
+    });
 
     let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     let screenshots = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");

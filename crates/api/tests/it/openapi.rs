@@ -40,6 +40,13 @@ async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
     );
 }
 
+/// The body of `GET path`, as text.
+async fn text_of(app: &TestApp, path: &str) -> String {
+    let response = app.client.get(app.url(path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    response.text().await.unwrap()
+}
+
 /// The example of the create route's `Idempotency-Key` header.
 fn idempotency_key_example(document: &mut Value) -> &mut Value {
     document["paths"]["/orders/create"]["post"]["parameters"]
@@ -82,15 +89,7 @@ async fn swagger_ui_suggests_a_fresh_idempotency_key_at_each_load(pool: PgPool) 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_document_lists_routes_in_the_order_people_use_them(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let text = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(&app, "/openapi.json").await;
     let in_order = [
         "/auth/register",
         "/auth/login",
@@ -213,15 +212,7 @@ async fn swagger_ui_examples_are_true_to_each_route(pool: PgPool) {
     }
     assert!(checked >= 10, "only {checked} 422 examples");
 
-    let initializer = app
-        .client
-        .get(app.url("/docs/swagger-initializer.js"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let initializer = text_of(&app, "/docs/swagger-initializer.js").await;
     assert!(
         initializer.contains("\"persistAuthorization\": true"),
         "{initializer}"
