@@ -124,17 +124,52 @@ pub struct Config {
     #[arg(long, env = "SSE_MAX_STREAMS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub sse_max_streams: u32,
 
+    /// How often each api process recomputes the admin overview (GET /admin/overview and its event stream), in
+    /// milliseconds. Each refresh is a few index reads, and a full count of the finished orders every 10 minutes.
+    #[arg(long, env = "ADMIN_OVERVIEW_REFRESH_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub admin_overview_refresh_ms: u64,
+
     /// Most password hashes computed at once (each takes 19 MiB); 0 means one per CPU core.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,
 }
 
 /// What to do instead of serving.
-#[derive(Debug, Clone, Copy, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Apply pending database migrations and exit (for a deploy that migrates before it rolls the replicas;
     /// then start them with MIGRATE_ON_START=false). Needs only the database settings.
     Migrate,
+    /// GET one URL and exit 0 if it answers 2xx within the timeout, 1 otherwise: a container's healthcheck, in an
+    /// image with no curl or wget. Needs no other setting.
+    Healthcheck {
+        /// The URL, plain http://; a worker's is http://127.0.0.1:9000/health (its WORKER_METRICS_ADDR). Default:
+        /// /health/live on BIND_ADDR, with 127.0.0.1 for 0.0.0.0 (and ::1 for ::).
+        #[arg(long)]
+        url: Option<String>,
+        /// Longest wait for the connection and the answer's status line, in milliseconds.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        timeout_ms: u64,
+    },
+    /// Manage users' roles for the operations console (the admin API). Needs only the database settings.
+    Users {
+        #[command(subcommand)]
+        action: UsersCommand,
+    },
+}
+
+/// `api users ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum UsersCommand {
+    /// Give the user with EMAIL the role ROLE: `customer` (no admin access, every account's default), `viewer`
+    /// (reads the admin API) or `operator` (also re-drives and cancels orders there). Takes effect at the user's
+    /// next admin request. Prints the change; exits 1 for an unknown email or role.
+    SetRole {
+        /// The user's email (case-insensitive).
+        email: String,
+        /// customer, viewer or operator.
+        role: String,
+    },
 }
 
 /// Per-client request limits: a burst of N, refilled at N per minute. 0 turns one limit off.
@@ -182,6 +217,14 @@ pub struct RateLimits {
     /// user.
     #[arg(long, env = "RATE_LIMIT_OPEN_STREAM_PER_MINUTE", default_value_t = 30)]
     pub rate_limit_open_stream_per_minute: u32,
+
+    /// Reads of the admin API (GET /admin/...) per client per minute, all routes together.
+    #[arg(long, env = "RATE_LIMIT_ADMIN_PER_MINUTE", default_value_t = 300)]
+    pub rate_limit_admin_per_minute: u32,
+
+    /// Operator actions through the admin API (POST /admin/...: re-drive, cancel) per client per minute.
+    #[arg(long, env = "RATE_LIMIT_ADMIN_ACTION_PER_MINUTE", default_value_t = 30)]
+    pub rate_limit_admin_action_per_minute: u32,
 }
 
 impl RateLimits {
@@ -198,6 +241,8 @@ impl RateLimits {
             rate_limit_get_order_per_minute: 0,
             rate_limit_cancel_order_per_minute: 0,
             rate_limit_open_stream_per_minute: 0,
+            rate_limit_admin_per_minute: 0,
+            rate_limit_admin_action_per_minute: 0,
         }
     }
 }

@@ -84,6 +84,9 @@ pub enum ApiError {
     /// 401 with `WWW-Authenticate: Bearer`.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 403: authenticated, but the role (or, for the console's cookie, the CSRF token) does not allow it.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// 404.
     #[error("{0}")]
     NotFound(&'static str),
@@ -203,6 +206,7 @@ impl IntoResponse for ApiError {
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 response
             }
+            Self::Forbidden(msg) => detail(StatusCode::FORBIDDEN, msg),
             Self::NotFound(msg) => detail(StatusCode::NOT_FOUND, msg),
             Self::Conflict(msg) => detail(StatusCode::CONFLICT, msg),
             Self::PayloadTooLarge => detail(

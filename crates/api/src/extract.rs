@@ -142,6 +142,11 @@ impl Fields {
         }
     }
 
+    /// Whether the body has a field `name` (for bodies with alternative fields).
+    pub fn has(&self, name: &str) -> bool {
+        self.entries.iter().any(|(field, _)| field == name)
+    }
+
     /// Takes field `name` as the JSON text the client sent, recording a problem if it is missing or given twice.
     pub fn take_raw(&mut self, name: &str) -> Option<Box<RawValue>> {
         let mut found = Vec::new();

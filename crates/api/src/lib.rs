@@ -1,8 +1,10 @@
 //! The orders HTTP API as a library: the `api` binary and the integration tests both build it through
 //! [`startup::App`].
 
+pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod extract;

@@ -28,13 +28,14 @@ use uuid::Uuid;
                        PENDING → PROCESSING → COMPLETED. Authorize with the `access_token` from `/auth/login`."
     ),
     modifiers(&BearerScheme),
-    components(schemas(StatusEvent, ResetEvent, MyOrdersEvent)),
+    components(schemas(StatusEvent, ResetEvent, MyOrdersEvent, crate::admin::overview::OverviewEvent)),
     // In the order a newcomer uses them; within a tag, routes keep the order their routers list them in
     // (utoipa's `preserve_path_order`), which Swagger UI shows as is.
     tags(
         (name = "auth", description = "Accounts and sessions: register, log in, then Authorize with the access token"),
         (name = "orders", description = "Orders of the logged-in user"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "admin", description = "The operations console's API: viewers read it, operators also act (`api users set-role`)"),
     )
 )]
 pub struct ApiDoc;
@@ -115,8 +116,21 @@ pub fn close_request_bodies(openapi: &mut utoipa::openapi::OpenApi) {
         return;
     };
     for (name, schema) in components.schemas.iter_mut() {
-        if let (true, RefOr::T(Schema::Object(object))) = (name.ends_with("Request"), schema) {
-            object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+        match (name.ends_with("Request"), schema) {
+            (true, RefOr::T(Schema::Object(object))) => {
+                object.additional_properties =
+                    Some(Box::new(AdditionalProperties::FreeForm(false)));
+            }
+            // A body of several shapes (`{"ids": ...}` or `{"search": ...}`): each shape is closed.
+            (true, RefOr::T(Schema::OneOf(shapes))) => {
+                for shape in &mut shapes.items {
+                    if let RefOr::T(Schema::Object(object)) = shape {
+                        object.additional_properties =
+                            Some(Box::new(AdditionalProperties::FreeForm(false)));
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -214,7 +228,7 @@ impl ToSchema for MyOrdersEvent {
 
 /// One server-sent event of the kind `kind` as an object of its fields: an `id` always (a whole number), `data` JSON
 /// of `content`, and never a `retry` (a client reconnects after its own delay).
-fn event(
+pub(crate) fn event(
     kind: &str,
     description: &str,
     id: &str,

@@ -59,6 +59,8 @@ pub struct App {
         orders_core::config::QueueConfig,
         PgPool,
     )>,
+    /// Recomputes the admin overview in the background until the stop.
+    overview: crate::admin::overview::OverviewRefresher,
 }
 
 impl App {
@@ -100,7 +102,14 @@ impl App {
             None => (*db.connect_options()).clone(),
         });
         events.spawn_authority_checks(db.clone());
+        let (overview, overview_refresher) = crate::admin::overview::overview(
+            db.clone(),
+            queue.clone(),
+            Duration::from_millis(config.admin_overview_refresh_ms),
+            config.queue.redis_timeout(),
+        );
         let state = AppState::new(Shared {
+            overview,
             events: events.clone(),
             db: db.clone(),
             creates: crate::routes::orders::create_batcher(
@@ -164,6 +173,7 @@ impl App {
             redis_timeout: config.queue.redis_timeout(),
             events,
             worker,
+            overview: overview_refresher,
         })
     }
 
@@ -204,6 +214,7 @@ impl App {
             }
         };
         tokio::spawn(purge_periodically(self.db, stop.clone()));
+        tokio::spawn(self.overview.run(stop.clone()));
         queue::server::spawn_check(self.redis, self.redis_timeout, "api", stop.clone());
         let events = self.events.shutdown.clone();
         let stopping = stop.clone();
@@ -230,11 +241,17 @@ pub fn router(state: AppState, config: &Config) -> Router {
             .then(|| SharedLimits::new(state.queue.connection(), &config.queue.queue_name)),
     };
     let request_timeout = config.request_timeout();
+    let console = crate::console::router(state.clone(), &config.rate_limits, &per_route);
     let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::health::router())
         .merge(routes::auth::router(&config.rate_limits, &per_route))
         .merge(routes::orders::router(&config.rate_limits, &per_route))
         .merge(routes::events::router(
+            &config.rate_limits,
+            &per_route,
+            config.sse_max_stream_seconds.map(Duration::from_secs),
+        ))
+        .merge(crate::admin::router(
             &config.rate_limits,
             &per_route,
             config.sse_max_stream_seconds.map(Duration::from_secs),
@@ -248,6 +265,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         axum::routing::get(crate::openapi::ServedDocument::serve).with_state(document),
     )
     .merge(crate::openapi::swagger_ui())
+    .merge(console)
     .fallback(not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -63,4 +63,6 @@ pub struct Shared {
     pub stream_openings: Option<(crate::rate_limit::shared::SharedLimits, u32)>,
     /// The last readiness probe, reused for a second.
     pub readiness: crate::routes::health::Readiness,
+    /// The admin overview, as the background refresher last computed it.
+    pub overview: crate::admin::overview::OverviewFeed,
 }

@@ -59,6 +59,17 @@ fn digits(out: &mut Vec<u8>, mut value: u32, width: usize) {
     }
 }
 
+/// For `#[serde(serialize_with = "crate::timestamp::serialize_option")]`: [`serialize`], or `null`.
+pub fn serialize_option<S: Serializer>(
+    at: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => serialize(at, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};

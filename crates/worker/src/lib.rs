@@ -13,6 +13,7 @@
 //! that keeps failing against an answering Redis makes the worker unhealthy ([`health`]).
 
 pub mod config;
+pub mod console;
 pub mod health;
 pub mod janitor;
 pub mod outage;
@@ -215,6 +216,13 @@ pub async fn run_with_health(
         settings.stage_delay(),
     )
     .with_max_attempts(settings.order_max_attempts);
+    let publishing = tokio::spawn(console::publish_until_stopped(
+        connection.clone(),
+        ping_queue.keys().clone(),
+        name.clone(),
+        processor.counts().clone(),
+        stop.child_token(),
+    ));
     tracing::info!(
         worker = %name,
         queue = %queue_config.queue_name,
@@ -366,6 +374,7 @@ pub async fn run_with_health(
     }
     stop.cancel();
     let _ = reconciling.await;
+    let _ = publishing.await;
     tracing::info!(worker = %name, "worker stopped");
     Ok(())
 }
@@ -391,7 +400,12 @@ async fn handle_job(
         metrics::counter!("worker_jobs_retried_total").increment(1);
     }
     let started = Instant::now();
+    let running = processor.counts().start();
     let result = processor.run_job(job.order_id).await;
+    drop(running);
+    if matches!(result, Ok(Outcome::Completed)) {
+        processor.counts().completed();
+    }
     metrics::histogram!("worker_job_duration_seconds").record(started.elapsed().as_secs_f64());
     let outcome = match &result {
         Ok(Outcome::Completed) => "completed",

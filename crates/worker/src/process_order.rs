@@ -29,6 +29,8 @@ pub struct Processor {
     max_attempts: i32,
     claims: Batcher<Attempt, Option<OrderStatus>>,
     completions: Batcher<Attempt, bool>,
+    /// What the console's worker card reports: jobs running, orders completed.
+    counts: std::sync::Arc<crate::console::JobCounts>,
 }
 
 /// Most transitions in one statement.
@@ -110,7 +112,13 @@ impl Processor {
             lease,
             stage_delay,
             max_attempts,
+            counts: Default::default(),
         }
+    }
+
+    /// The jobs this processor runs now and the orders it has completed (for the console's worker card).
+    pub fn counts(&self) -> &std::sync::Arc<crate::console::JobCounts> {
+        &self.counts
     }
 
     /// The same processor, parking an order after `max_attempts` attempts instead of the default 5.

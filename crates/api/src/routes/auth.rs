@@ -208,9 +208,11 @@ pub struct TokenResponse {
 }
 
 /// A session's tokens: what the client gets, and until when its refresh token is accepted.
-struct IssuedPair {
-    body: TokenResponse,
-    refresh_expires_at: DateTime<Utc>,
+pub(crate) struct IssuedPair {
+    /// The pair, as `/auth/login` and `/auth/refresh` answer it.
+    pub(crate) body: TokenResponse,
+    /// When the refresh token expires: a cookie holding it lives as long.
+    pub(crate) refresh_expires_at: DateTime<Utc>,
 }
 
 /// Issues an access token and the next refresh token of `family_id`, storing the latter's hash. Neither
@@ -290,10 +292,11 @@ pub const LOGIN_ACCOUNT_BUDGET_FACTOR: u32 = 10;
 
 /// The client a login counts against in the throttle: the address the rate limits key it by (see [`ClientKey`]).
 #[derive(Debug, Clone)]
-struct LoginClient(String);
+pub(crate) struct LoginClient(pub(crate) String);
 
-/// Names the client of a request for the login throttle, as the rate limits name it.
-async fn identify_client(
+/// Names the client of a request for the login throttle, as the rate limits name it. Every route that checks a
+/// password (`/auth/login`, the console's login form) runs behind it.
+pub(crate) async fn identify_client(
     State(key): State<ClientKey>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -320,7 +323,21 @@ async fn login(
     axum::Extension(LoginClient(client)): axum::Extension<LoginClient>,
     Json(body): Json<LoginRequest>,
 ) -> ApiResult<Response> {
-    let email = body.email;
+    let user_id = authenticate(&state, &client, &body.email, body.password).await?;
+    let tokens = start_session(&state, user_id).await?;
+    tracing::info!(%user_id, "user logged in");
+    Ok(tokens_response(tokens))
+}
+
+/// Checks an email and password, as every login does (`/auth/login` and the console's form): the attempt counts
+/// in the login throttle of (`email`, `client`) first, then the password is checked. Returns the user, or `401`
+/// (unknown email and wrong password alike) or `429` (throttled).
+pub(crate) async fn authenticate(
+    state: &AppState,
+    client: &str,
+    email: &Email,
+    password: SecretString,
+) -> ApiResult<UserId> {
     // Counted before the password is checked, known email or not: parallel guesses cannot slip past the limits,
     // a refused attempt costs no hash, and the answer tells nothing about which accounts exist.
     let limits = Limits {
@@ -330,7 +347,7 @@ async fn login(
             .saturating_mul(LOGIN_ACCOUNT_BUDGET_FACTOR),
         window: LOGIN_THROTTLE_WINDOW,
     };
-    let throttle = login_attempts::count_attempt(&state.db, &email, &client, limits).await?;
+    let throttle = login_attempts::count_attempt(&state.db, email, client, limits).await?;
     if let Throttle::Blocked { until } = throttle {
         tracing::warn!("login throttled: too many attempts for one account");
         metrics::counter!("logins_throttled_total").increment(1);
@@ -339,19 +356,23 @@ async fn login(
             retry_after_secs: u64::try_from(wait).unwrap_or(1),
         });
     }
-    let credentials = users::find_credentials(&state.db, &email).await?;
+    let credentials = users::find_credentials(&state.db, email).await?;
     let user_id = credentials.as_ref().map(|c| c.user_id);
     let stored_hash = credentials.map(|c| c.password_hash);
-    let valid = state.passwords.verify(body.password, stored_hash).await?;
+    let valid = state.passwords.verify(password, stored_hash).await?;
     let Some(user_id) = user_id.filter(|_| valid) else {
         return Err(ApiError::Unauthorized(INVALID_CREDENTIALS));
     };
-    login_attempts::succeeded(&state.db, &email, &client).await?;
+    login_attempts::succeeded(&state.db, email, client).await?;
+    Ok(user_id)
+}
+
+/// Starts a new session (refresh token family) for `user_id`, ending at the latest `SESSION_MAX_DAYS` from now:
+/// its first token pair.
+pub(crate) async fn start_session(state: &AppState, user_id: UserId) -> ApiResult<IssuedPair> {
     let mut conn = state.db.acquire().await?;
     let session_end = Utc::now() + state.session_max;
-    let tokens = issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7(), session_end).await?;
-    tracing::info!(%user_id, "user logged in");
-    Ok(tokens_response(tokens))
+    issue_tokens(&mut conn, &state.jwt, user_id, Uuid::now_v7(), session_end).await
 }
 
 /// A refresh token, in the body or (with an empty body) in the `refresh_token` cookie.
@@ -393,12 +414,19 @@ async fn refresh(
     OptionalJson(body): OptionalJson<RefreshRequest>,
 ) -> ApiResult<Response> {
     let token = presented_refresh_token(&headers, body)?;
+    rotate_session(&state, &token).await.map(tokens_response)
+}
+
+/// Exchanges a refresh token for the next pair of its session (`/auth/refresh`, the console's refresh): the
+/// presented token dies; presenting it again revokes the whole session (reuse detection). `401` for a token that
+/// is invalid, expired, revoked or reused.
+pub(crate) async fn rotate_session(state: &AppState, token: &str) -> ApiResult<IssuedPair> {
     let claims = state
         .jwt
-        .verify(&token, TokenKind::Refresh)
+        .verify(token, TokenKind::Refresh)
         .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
     let mut tx = state.db.begin().await?;
-    match sessions::redeem_refresh_token(&mut tx, &token_hash(&token)).await? {
+    match sessions::redeem_refresh_token(&mut tx, &token_hash(token)).await? {
         Redeemed::Live {
             family_id,
             user_id,
@@ -407,7 +435,7 @@ async fn refresh(
             let tokens =
                 issue_tokens(&mut tx, &state.jwt, user_id, family_id, session_expires_at).await?;
             tx.commit().await?;
-            Ok(tokens_response(tokens))
+            Ok(tokens)
         }
         Redeemed::Reused { family_id } => {
             sessions::revoke_family(&mut tx, family_id).await?;
@@ -438,33 +466,47 @@ async fn logout(
     OptionalJson(body): OptionalJson<RefreshRequest>,
 ) -> ApiResult<Response> {
     let token = presented_refresh_token(&headers, body)?;
+    end_session(&state, &token, Some(user.user_id)).await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::SET_COOKIE, clear_refresh_cookie());
+    headers.append(header::SET_COOKIE, crate::auth::clear_events_cookie());
+    Ok(response)
+}
+
+/// Ends the session a refresh token belongs to (`/auth/logout`, the console's logout), idempotently: a
+/// refresh token that has not expired ends its session again without error, whether the session is already
+/// revoked or its rows already purged. With `caller`, the token must be that user's. Returns the session's user;
+/// `401` for an invalid or expired token, or another user's.
+pub(crate) async fn end_session(
+    state: &AppState,
+    token: &str,
+    caller: Option<UserId>,
+) -> ApiResult<UserId> {
     let claims = state
         .jwt
-        .verify(&token, TokenKind::Refresh)
+        .verify(token, TokenKind::Refresh)
         .map_err(|_| ApiError::Unauthorized(INVALID_REFRESH))?;
-    if claims.sub != user.user_id.0 {
+    let user_id = UserId(claims.sub);
+    if caller.is_some_and(|caller| caller != user_id) {
         return Err(ApiError::Unauthorized(INVALID_REFRESH));
     }
     let mut tx = state.db.begin().await?;
-    match sessions::revoke_session_of(&mut tx, &token_hash(&token), user.user_id).await? {
+    match sessions::revoke_session_of(&mut tx, &token_hash(token), user_id).await? {
         LoggedOut::Revoked => tx.commit().await?,
         // A token this service signed for this user and that has not expired, but whose row is gone: the purge
         // deletes a session's tokens once it is revoked, so this session already ended. Idempotent: 204, unless
         // the user is gone too (their tokens went with them).
         LoggedOut::Unknown => {
             drop(tx);
-            users::find_user(&state.db, user.user_id)
+            users::find_user(&state.db, user_id)
                 .await?
                 .ok_or(ApiError::Unauthorized("User no longer exists"))?;
         }
         LoggedOut::NotTheirs => return Err(ApiError::Unauthorized(INVALID_REFRESH)),
     }
-    tracing::info!(user_id = %user.user_id, "user logged out");
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::SET_COOKIE, clear_refresh_cookie());
-    headers.append(header::SET_COOKIE, crate::auth::clear_events_cookie());
-    Ok(response)
+    tracing::info!(%user_id, "user logged out");
+    Ok(user_id)
 }
 
 /// The logged-in user.

@@ -372,9 +372,9 @@ struct IdempotencyKeyParam {
 }
 
 /// Default page size.
-const DEFAULT_LIMIT: i64 = 50;
+pub(crate) const DEFAULT_LIMIT: i64 = 50;
 /// Largest page size.
-const MAX_LIMIT: i64 = 100;
+pub(crate) const MAX_LIMIT: i64 = 100;
 
 /// Filters and paging of "my orders".
 #[derive(Debug, Deserialize, IntoParams)]
@@ -399,7 +399,8 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-fn encode_cursor(cursor: OrderCursor) -> String {
+/// The text of a cursor, as `Link` headers carry it (also the admin search's).
+pub(crate) fn encode_cursor(cursor: OrderCursor) -> String {
     URL_SAFE_NO_PAD.encode(format!(
         "{}.{}",
         cursor.created_at.timestamp_micros(),
@@ -407,7 +408,8 @@ fn encode_cursor(cursor: OrderCursor) -> String {
     ))
 }
 
-fn decode_cursor(raw: &str) -> Option<OrderCursor> {
+/// A cursor from its text; `None` for anything but the exact text [`encode_cursor`] writes.
+pub(crate) fn decode_cursor(raw: &str) -> Option<OrderCursor> {
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(raw).ok()?).ok()?;
     let (micros, id) = text.split_once('.')?;
     let created_at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;

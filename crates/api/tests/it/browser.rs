@@ -26,14 +26,14 @@ use crate::helpers::{TestApp, redis_url};
 
 /// A TCP proxy in front of the api whose open connections the test can cut (as a load balancer or a network
 /// would), while new ones still go through.
-struct CutProxy {
-    base: String,
+pub(crate) struct CutProxy {
+    pub(crate) base: String,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     accepting: AbortHandle,
 }
 
 impl CutProxy {
-    async fn start(upstream: String) -> Self {
+    pub(crate) async fn start(upstream: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let connections = Arc::new(Mutex::new(Vec::new()));
@@ -60,7 +60,7 @@ impl CutProxy {
     }
 
     /// Drops every connection open now: both sockets close.
-    fn cut(&self) -> usize {
+    pub(crate) fn cut(&self) -> usize {
         let open = std::mem::take(
             &mut *self
                 .connections
@@ -80,7 +80,7 @@ impl Drop for CutProxy {
 }
 
 /// A worker in this process on the app's queue, polling every 20 ms, with `adjust` applied to its settings.
-fn spawn_worker(
+pub(crate) fn spawn_worker(
     app: &TestApp,
     pool: &PgPool,
     adjust: impl FnOnce(&mut worker::WorkerSettings),

@@ -4,13 +4,16 @@
 // Test helpers unwrap freely: a panic here is a failed test with its message.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod auth;
 mod backlog;
 mod browser;
 mod chaos;
+mod console;
 mod events;
 mod events_listener;
 mod hardening;
+mod healthcheck;
 mod helpers;
 mod observability;
 mod openapi;

@@ -1,6 +1,7 @@
 //! Database access: free functions over `impl PgExecutor<'_>`, so each works on a pool or inside a
 //! transaction. Queries are compile-checked against the schema (`.sqlx/` holds the offline cache).
 
+pub mod admin;
 pub mod batch;
 pub mod events;
 pub mod login_attempts;

@@ -3,10 +3,12 @@
 
 mod email;
 mod order;
+mod role;
 mod user;
 
 pub use email::Email;
 pub use order::{Amount, IdempotencyKey, Order, OrderId, OrderStatus, ProductName};
+pub use role::Role;
 pub use user::{User, UserId, UserName};
 
 /// Why a value was refused, in words a client can act on.

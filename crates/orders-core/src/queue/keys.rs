@@ -35,6 +35,11 @@ pub struct QueueKeys {
     /// Ours: held by the one reconciler feeding the queue at a time, so that several workers do not each fill
     /// the same room and overshoot `QUEUE_MAX_JOBS`.
     pub feed_lock: String,
+    /// Ours: prefix of the per-worker HASH `<console_worker>:<worker>` each worker process publishes for the
+    /// operations console (host, start, in-flight and done counts), expiring unless renewed.
+    pub console_worker: String,
+    /// Ours: ZSET of the worker processes that publish to the console, by their last publication (unix ms).
+    pub console_workers: String,
 }
 
 impl QueueKeys {
@@ -54,6 +59,8 @@ impl QueueKeys {
             signal: config.signal_list(),
             backlog: format!("{}:feeder:backlog", config.queue.as_ref()),
             feed_lock: format!("{}:feeder:lock", config.queue.as_ref()),
+            console_worker: format!("{}:console:worker", config.queue.as_ref()),
+            console_workers: format!("{}:console:workers", config.queue.as_ref()),
         }
     }
 
@@ -65,6 +72,11 @@ impl QueueKeys {
     /// The metadata HASH apalis writes when `worker` registers.
     pub fn metadata_of(&self, worker: &str) -> String {
         format!("{}:{worker}", self.worker_metadata)
+    }
+
+    /// The console's HASH of one worker process.
+    pub fn console_worker_of(&self, worker: &str) -> String {
+        format!("{}:{worker}", self.console_worker)
     }
 
     /// The metadata HASH of one job.

@@ -8,6 +8,7 @@
 //! apalis-redis working: its fetch script promotes every due scheduled job with one Lua `unpack`, which fails
 //! for good above about 8,000 ids.
 
+pub mod console;
 pub mod gauges;
 pub mod keys;
 pub mod server;

@@ -79,7 +79,7 @@ async fn every_kind_of_partial_loss_is_healed_and_every_order_completes_once(db:
     wait_until(
         Duration::from_secs(10),
         "the queue's keys to be swept",
-        || async { queue.existing_keys().await.len() <= 4 + 2 },
+        || async { queue.existing_keys().await.len() <= 5 + 3 },
     )
     .await;
     stop.cancel();

@@ -105,9 +105,10 @@ async fn a_queue_piled_up_past_what_apalis_can_fetch_still_drains(db: PgPool) {
 }
 
 /// Keys a queue may keep once nothing waits: the workers set, apalis's signal list, our backlog flag and feed
-/// lock, plus per live worker its metadata hash and its in-flight set (the README states this bound).
+/// lock and the console's set of workers, plus per live worker its metadata hash, its in-flight set and its console
+/// card (the README states this bound).
 fn idle_key_bound(live_workers: usize) -> usize {
-    4 + 2 * live_workers
+    5 + 3 * live_workers
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -310,6 +311,8 @@ fn the_key_names_the_housekeeping_relies_on_are_apalis_redis_1_0s() {
             signal: "q:signal".into(),
             backlog: "q:feeder:backlog".into(),
             feed_lock: "q:feeder:lock".into(),
+            console_worker: "q:console:worker".into(),
+            console_workers: "q:console:workers".into(),
         }
     );
 }
