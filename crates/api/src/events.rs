@@ -31,18 +31,40 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
     task::{Context, Poll, Waker},
+    time::Duration,
 };
 
+use axum::Extension;
 use orders_core::{
     db::events::StatusChange,
     domain::{OrderId, UserId},
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
 
 use self::authority::Authority;
 use self::shared::{Shared, SharedSlot, SharedSlots};
-use crate::error::ApiError;
+use crate::{error::ApiError, rate_limit::RouteLimits, state::AppState};
+
+/// The longest life of one stream (`SSE_MAX_STREAM_SECONDS`); `None`: as long as its authority. Its routes read it
+/// as `Extension<MaxLifetime>`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaxLifetime(pub Option<Duration>);
+
+/// `routes`, which open streams, within their rate limit `route` (`per_minute` per client), each of their streams
+/// lasting at most `max_lifetime` when set.
+pub(crate) fn stream_routes(
+    per_route: &RouteLimits,
+    routes: OpenApiRouter<AppState>,
+    route: &'static str,
+    per_minute: u32,
+    max_lifetime: Option<Duration>,
+) -> OpenApiRouter<AppState> {
+    per_route
+        .apply(routes, route, per_minute)
+        .layer(Extension(MaxLifetime(max_lifetime)))
+}
 
 /// Changes held per stream; a stream further behind than this reads the rest from the history.
 pub const WATCHER_CAPACITY: usize = 64;

@@ -12,7 +12,7 @@ pub mod workers;
 
 use std::time::Duration;
 
-use axum::{Extension, Json as JsonResponse};
+use axum::Json as JsonResponse;
 use orders_core::domain::Role;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -20,7 +20,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use self::access::AdminUser;
-use crate::{config::RateLimits, rate_limit::RouteLimits, state::AppState};
+use crate::{config::RateLimits, events::stream_routes, rate_limit::RouteLimits, state::AppState};
 
 /// The admin routes: reads within `RATE_LIMIT_ADMIN_PER_MINUTE` per client, actions within
 /// `RATE_LIMIT_ADMIN_ACTION_PER_MINUTE`. The overview's stream lasts at most `max_lifetime`
@@ -31,22 +31,20 @@ pub fn router(
     max_lifetime: Option<Duration>,
 ) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .merge(
-            per_route
-                .apply(
-                    OpenApiRouter::new()
-                        .routes(routes!(me))
-                        .routes(routes!(overview::get_overview))
-                        .routes(routes!(overview::overview_events))
-                        .routes(routes!(workers::list_workers))
-                        .routes(routes!(orders::search_orders))
-                        .routes(routes!(orders::order_detail))
-                        .routes(routes!(audit::list_audit)),
-                    "admin",
-                    limits.rate_limit_admin_per_minute,
-                )
-                .layer(Extension(MaxLifetime(max_lifetime))),
-        )
+        .merge(stream_routes(
+            per_route,
+            OpenApiRouter::new()
+                .routes(routes!(me))
+                .routes(routes!(overview::get_overview))
+                .routes(routes!(overview::overview_events))
+                .routes(routes!(workers::list_workers))
+                .routes(routes!(orders::search_orders))
+                .routes(routes!(orders::order_detail))
+                .routes(routes!(audit::list_audit)),
+            "admin",
+            limits.rate_limit_admin_per_minute,
+            max_lifetime,
+        ))
         .merge(
             per_route.apply(
                 OpenApiRouter::new()
@@ -57,10 +55,6 @@ pub fn router(
             ),
         )
 }
-
-/// The longest life of one admin stream (`SSE_MAX_STREAM_SECONDS`); `None`: as long as its token.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MaxLifetime(pub Option<Duration>);
 
 /// The caller, as the console shows them.
 #[derive(Debug, Serialize, ToSchema)]

@@ -38,9 +38,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
-use super::{MaxLifetime, access::AdminUser};
+use super::access::AdminUser;
 use crate::{
     error::{ApiError, ApiResult},
+    events::MaxLifetime,
     routes::events::HEARTBEAT,
     state::AppState,
 };

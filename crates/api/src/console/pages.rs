@@ -155,13 +155,22 @@ impl Pages {
             ),
         ];
         let [css, js, icon] = [0, 1, 2].map(|i| assets[i].url());
+        // Every page's head, then the two shells: the screens' layout (header, navigation, the script) and the
+        // single panel of the login form and the notices.
         let with_assets = |template: &str| {
             template
+                .replace("{{head}}", include_str!("templates/head.html").trim_end())
                 .replace("{{css}}", &css)
                 .replace("{{js}}", &js)
                 .replace("{{icon}}", &icon)
         };
         let layout = with_assets(include_str!("templates/layout.html"));
+        let panel = |title: &str, heading: &str, body: &str| {
+            with_assets(include_str!("templates/panel.html"))
+                .replace("{{title}}", title)
+                .replace("{{heading}}", heading)
+                .replace("{{panel}}", body.trim_end())
+        };
         let screens = Screen::ALL
             .into_iter()
             .map(|screen| {
@@ -182,8 +191,16 @@ impl Pages {
             .collect();
         Self {
             screens,
-            login: with_assets(include_str!("templates/login.html")),
-            notice: with_assets(include_str!("templates/notice.html")),
+            login: panel(
+                "Log in",
+                "Orders console",
+                include_str!("templates/login.html"),
+            ),
+            notice: panel(
+                "{{title}}",
+                "{{title}}",
+                include_str!("templates/notice.html"),
+            ),
             assets,
         }
     }

@@ -35,7 +35,7 @@ use crate::{
     auth::{AuthUser, StreamUser, events_cookie},
     config::RateLimits,
     error::{ApiError, ApiResult, ErrorBody, ValidationErrorBody},
-    events::{Signal, Slot, Subscription, Topic, authority::Authority},
+    events::{MaxLifetime, Signal, Slot, Subscription, Topic, authority::Authority, stream_routes},
     extract::OrderPath,
     loc,
     openapi::{MyOrdersEvent, StatusEvent},
@@ -56,23 +56,17 @@ pub fn router(
     max_lifetime: Option<Duration>,
 ) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .merge(
-            per_route
-                .apply(
-                    OpenApiRouter::new()
-                        .routes(routes!(order_events))
-                        .routes(routes!(my_order_events)),
-                    "open_stream",
-                    limits.rate_limit_open_stream_per_minute,
-                )
-                .layer(Extension(MaxLifetime(max_lifetime))),
-        )
+        .merge(stream_routes(
+            per_route,
+            OpenApiRouter::new()
+                .routes(routes!(order_events))
+                .routes(routes!(my_order_events)),
+            "open_stream",
+            limits.rate_limit_open_stream_per_minute,
+            max_lifetime,
+        ))
         .routes(routes!(events_cookie_for_browsers))
 }
-
-/// The longest life of one stream (`SSE_MAX_STREAM_SECONDS`); `None`: as long as its authority.
-#[derive(Clone, Copy)]
-struct MaxLifetime(Option<Duration>);
 
 /// Counts one more stream opened by `user` against `RATE_LIMIT_OPEN_STREAM_PER_MINUTE` per user, over every api
 /// process: `429` with `Retry-After` past it. The route's limit per client holds besides (and alone, while Redis
