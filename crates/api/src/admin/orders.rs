@@ -27,7 +27,7 @@ use crate::{
     error::{ApiError, ApiResult, FieldError},
     extract::{Fields, FromFields, Json, OrderPath, Query},
     loc,
-    routes::orders::{DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor},
+    routes::orders::{DEFAULT_LIMIT, MAX_LIMIT, OrderResponse, decode_cursor, encode_cursor},
     state::AppState,
 };
 
@@ -177,31 +177,15 @@ impl SearchFilters {
     }
 }
 
-/// An order in the search's results.
+/// An order in the search's results: the order, with its owner's email, attempts and parking.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FoundOrderResponse {
-    /// The order's id.
-    pub id: Uuid,
-    /// Its owner.
-    pub user_id: Uuid,
+    /// The order.
+    #[serde(flatten)]
+    pub order: OrderResponse,
     /// Its owner's email.
     #[schema(example = "ada@example.com")]
     pub user_email: String,
-    /// What was ordered.
-    #[schema(example = "Widget")]
-    pub product_name: String,
-    /// How much.
-    #[serde(with = "rust_decimal::serde::float")]
-    #[schema(value_type = f64, example = 19.99)]
-    pub amount: rust_decimal::Decimal,
-    /// Where it is in its life.
-    pub status: OrderStatus,
-    /// When it was created.
-    #[serde(serialize_with = "crate::timestamp::serialize")]
-    pub created_at: DateTime<Utc>,
-    /// When its status last changed.
-    #[serde(serialize_with = "crate::timestamp::serialize")]
-    pub updated_at: DateTime<Utc>,
     /// Attempts the worker has made.
     pub attempts: i32,
     /// When it was parked (its attempts ran out), while it is.
@@ -210,18 +194,12 @@ pub struct FoundOrderResponse {
 }
 
 impl From<FoundOrder> for FoundOrderResponse {
-    fn from(order: FoundOrder) -> Self {
+    fn from(found: FoundOrder) -> Self {
         Self {
-            id: order.id.0,
-            user_id: order.user_id.0,
-            user_email: order.user_email,
-            product_name: order.product_name,
-            amount: order.amount,
-            status: order.status,
-            created_at: order.created_at,
-            updated_at: order.updated_at,
-            attempts: order.attempts,
-            parked_at: order.parked_at,
+            order: found.order.into(),
+            user_email: found.user_email,
+            attempts: found.attempts,
+            parked_at: found.parked_at,
         }
     }
 }
@@ -348,28 +326,12 @@ pub struct TimelineEntry {
 /// One order with everything the worker knows of it, and its status history.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderDetailResponse {
-    /// The order's id.
-    pub id: Uuid,
-    /// Its owner.
-    pub user_id: Uuid,
+    /// The order.
+    #[serde(flatten)]
+    pub order: OrderResponse,
     /// Its owner's email.
     #[schema(example = "ada@example.com")]
     pub user_email: String,
-    /// What was ordered.
-    #[schema(example = "Widget")]
-    pub product_name: String,
-    /// How much.
-    #[serde(with = "rust_decimal::serde::float")]
-    #[schema(value_type = f64, example = 19.99)]
-    pub amount: rust_decimal::Decimal,
-    /// Where it is in its life.
-    pub status: OrderStatus,
-    /// When it was created.
-    #[serde(serialize_with = "crate::timestamp::serialize")]
-    pub created_at: DateTime<Utc>,
-    /// When its status last changed.
-    #[serde(serialize_with = "crate::timestamp::serialize")]
-    pub updated_at: DateTime<Utc>,
     /// Attempts the worker has made.
     pub attempts: i32,
     /// The claim token of the worker holding it, while `PROCESSING`.
@@ -412,14 +374,8 @@ pub(super) async fn order_detail(
     )?;
     let detail = detail.ok_or(ApiError::NotFound("Order not found"))?;
     Ok(JsonResponse(OrderDetailResponse {
-        id: detail.order.id.0,
-        user_id: detail.order.user_id.0,
+        order: detail.order.into(),
         user_email: detail.user_email,
-        product_name: detail.order.product_name,
-        amount: detail.order.amount,
-        status: detail.order.status,
-        created_at: detail.order.created_at,
-        updated_at: detail.order.updated_at,
         attempts: detail.attempts,
         locked_by: detail.locked_by,
         lease_until: detail.lease_until,
@@ -695,7 +651,7 @@ pub(super) async fn cancel_order(
 ) -> ApiResult<JsonResponse<ActionResponse>> {
     let mut tx = state.db.begin().await?;
     let changed_by = format!("operator:{}", operator.member.email);
-    let result = match db::cancel_pending(&mut *tx, id, &changed_by).await? {
+    let result = match orders_db::cancel_pending(&mut *tx, id, None, Some(&changed_by)).await? {
         Some(order) => ActionResult {
             id: id.0,
             result: "cancelled",

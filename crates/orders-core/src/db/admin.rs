@@ -2,11 +2,12 @@
 //! actions and their audit log, and the overview's figures.
 //!
 //! The search walks an index in the order it answers (newest first), a page at a time, whichever filter leads:
-//! the primary key (`id`), the user's orders (`email`), the product-name index (`product`), the creation-time
-//! index (time ranges and no filter), or the partial indexes of unfinished and parked orders. Its statement is
-//! built from fixed fragments for the filters given, with every value bound, and it is planned for its values
-//! (`plan_cache_mode = force_custom_plan`): a prefix given as a parameter is only a range of the product index
-//! when the planner sees its value, and a generic plan would read the table.
+//! the primary key (`id`), the user's orders (`email`), the product-name index (`product`: each name the prefix
+//! covers apart, when it covers a few), the creation-time index (time ranges and no filter), or the partial indexes
+//! of finished, unfinished and parked orders. Its statement is built from fixed fragments for the filters given,
+//! with every value bound, and it is planned for its values (`plan_cache_mode = force_custom_plan`): a prefix given
+//! as a parameter is only a range of the product index when the planner sees its value, and a generic plan would
+//! read the table.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
@@ -108,21 +109,10 @@ pub struct OrderFilter {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct FoundOrder {
     /// The order.
-    pub id: OrderId,
-    /// Its owner.
-    pub user_id: UserId,
+    #[sqlx(flatten)]
+    pub order: Order,
     /// Its owner's email.
     pub user_email: String,
-    /// What was ordered.
-    pub product_name: String,
-    /// How much.
-    pub amount: rust_decimal::Decimal,
-    /// Where it is in its life.
-    pub status: OrderStatus,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When its status last changed.
-    pub updated_at: DateTime<Utc>,
     /// Attempts the worker has made.
     pub attempts: i32,
     /// When it was parked (its attempts ran out), if it is.
@@ -132,8 +122,8 @@ pub struct FoundOrder {
 impl From<&FoundOrder> for OrderCursor {
     fn from(order: &FoundOrder) -> Self {
         Self {
-            created_at: order.created_at,
-            id: order.id,
+            created_at: order.order.created_at,
+            id: order.order.id,
         }
     }
 }
@@ -151,7 +141,7 @@ fn like_prefix(text: &str) -> String {
     pattern
 }
 
-/// Appends the filters, the cursor, the order and the limit to a statement over `orders o`.
+/// Appends the filters and the cursor, as a `where` clause, to a statement over `orders o`.
 fn push_filters(
     query: &mut QueryBuilder<Postgres>,
     filter: &OrderFilter,
@@ -197,6 +187,72 @@ fn push_filters(
     }
 }
 
+/// Most product names a prefix may cover for the search to read each name's newest orders on its own.
+const MAX_NAMES_APART: usize = 32;
+
+/// The distinct product names starting with `prefix`, up to `max` of them (and one more, when there are more): a
+/// walk of the product index from one name to the next, one probe per name however many orders each has.
+async fn product_names(
+    conn: &mut PgConnection,
+    prefix: &str,
+    max: usize,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "with recursive names(name) as ( \
+             (select o.product_name from orders o where o.product_name like $1 \
+              order by o.product_name using ~<~ limit 1) \
+           union all \
+             (select (select o.product_name from orders o where o.product_name like $1 and o.product_name ~>~ names.name \
+                      order by o.product_name using ~<~ limit 1) \
+              from names where names.name is not null)) \
+         select name from names where name is not null limit $2",
+    )
+    .bind(like_prefix(prefix))
+    .bind(i64::try_from(max + 1).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await
+}
+
+/// Appends the statement that selects the ids (`id`) of up to `limit` orders matching `filter`, newest first, after
+/// `cursor`. With the product names a prefix covers (`names`), it reads each name's newest orders apart, each a
+/// range of the product index already in order, and merges them: the prefix as one range of that index is every
+/// order of every name, sorted.
+fn push_page_ids(
+    query: &mut QueryBuilder<Postgres>,
+    filter: &OrderFilter,
+    cursor: Option<OrderCursor>,
+    limit: i64,
+    names: Option<Vec<String>>,
+) {
+    match names {
+        None => {
+            query.push("select o.id from orders o");
+            push_filters(query, filter, cursor);
+            query
+                .push(" order by o.created_at desc, o.id desc limit ")
+                .push_bind(limit);
+        }
+        Some(names) => {
+            let others = OrderFilter {
+                product_prefix: None,
+                ..filter.clone()
+            };
+            query
+                .push("select p.id from unnest(")
+                .push_bind(names)
+                .push(
+                    "::text[]) n(name) cross join lateral (select o.id, o.created_at from orders o",
+                );
+            push_filters(query, &others, cursor);
+            query
+                .push(" and o.product_name = n.name order by o.created_at desc, o.id desc limit ")
+                .push_bind(limit)
+                .push(") p order by p.created_at desc, p.id desc limit ")
+                .push_bind(limit);
+        }
+    }
+}
+
 /// Up to `limit` orders matching `filter`, newest first, after `cursor`.
 pub async fn search_orders(
     conn: &mut PgConnection,
@@ -204,24 +260,22 @@ pub async fn search_orders(
     cursor: Option<OrderCursor>,
     limit: i64,
 ) -> sqlx::Result<Vec<FoundOrder>> {
-    // The page's ids first, from the index alone where the filters allow (the product-name, the user's and the
+    let mut tx = begin_search(conn).await?;
+    let names = names_apart(&mut tx, filter).await?;
+    if names.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(Vec::new());
+    }
+    // The page's ids first, from an index alone where the filters allow (the product-name, the user's and the
     // creation-time indexes hold `created_at` and `id`), then its rows by primary key.
     let mut query = QueryBuilder::new(
         "select o.id, o.user_id, u.email as user_email, o.product_name, o.amount, o.status, o.created_at, \
-         o.updated_at, o.attempts, o.parked_at from (select o.id from orders o",
+         o.updated_at, o.attempts, o.parked_at from (",
     );
-    push_filters(&mut query, filter, cursor);
-    query
-        .push(" order by o.created_at desc, o.id desc limit ")
-        .push_bind(limit)
-        .push(
-            ") page join orders o on o.id = page.id join users u on u.id = o.user_id \
-             order by o.created_at desc, o.id desc",
-        );
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    sqlx::query("set local plan_cache_mode = force_custom_plan")
-        .execute(&mut *tx)
-        .await?;
+    push_page_ids(&mut query, filter, cursor, limit, names);
+    query.push(
+        ") page join orders o on o.id = page.id join users u on u.id = o.user_id \
+         order by o.created_at desc, o.id desc",
+    );
     let found = query
         .build_query_as::<FoundOrder>()
         .fetch_all(&mut *tx)
@@ -236,21 +290,44 @@ pub async fn search_order_ids(
     filter: &OrderFilter,
     limit: i64,
 ) -> sqlx::Result<Vec<OrderId>> {
-    let mut query = QueryBuilder::new("select o.id from orders o");
-    push_filters(&mut query, filter, None);
-    query
-        .push(" order by o.created_at desc, o.id desc limit ")
-        .push_bind(limit);
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    sqlx::query("set local plan_cache_mode = force_custom_plan")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = begin_search(conn).await?;
+    let names = names_apart(&mut tx, filter).await?;
+    if names.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(Vec::new());
+    }
+    let mut query = QueryBuilder::new("");
+    push_page_ids(&mut query, filter, None, limit, names);
     let ids = query
         .build_query_scalar::<Uuid>()
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(ids.into_iter().map(OrderId).collect())
+}
+
+/// A search's transaction, planned for its values (`plan_cache_mode = force_custom_plan`).
+async fn begin_search(conn: &mut PgConnection) -> sqlx::Result<sqlx::Transaction<'_, Postgres>> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("set local plan_cache_mode = force_custom_plan")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// The product names to read apart ([`push_page_ids`]): when a product-name prefix leads the search (no id or email,
+/// which are narrower) and covers at most [`MAX_NAMES_APART`] names. `None`: search the prefix as one range.
+async fn names_apart(
+    conn: &mut PgConnection,
+    filter: &OrderFilter,
+) -> sqlx::Result<Option<Vec<String>>> {
+    let Some(prefix) = filter.product_prefix.as_deref() else {
+        return Ok(None);
+    };
+    if filter.id.is_some() || filter.email.is_some() {
+        return Ok(None);
+    }
+    let names = product_names(conn, prefix, MAX_NAMES_APART).await?;
+    Ok((names.len() <= MAX_NAMES_APART).then_some(names))
 }
 
 /// Everything the console shows of one order.
@@ -367,37 +444,6 @@ pub async fn order_states(
         &ids[..],
     )
     .fetch_all(executor)
-    .await
-}
-
-/// Cancels a `PENDING` order, whoever owns it, recording `changed_by` in its history: the same conditional
-/// update and history row as the owner's cancel (`orders::cancel_order`), so the change shows on the order's live
-/// streams. `None` when the order is not `PENDING` (or does not exist).
-pub async fn cancel_pending(
-    executor: impl PgExecutor<'_>,
-    id: OrderId,
-    changed_by: &str,
-) -> sqlx::Result<Option<Order>> {
-    sqlx::query_as!(
-        Order,
-        r#"
-        with cancelled as (
-            update orders set status = 'CANCELLED', updated_at = now()
-            where id = $1 and status = 'PENDING'
-            returning *
-        ), logged as (
-            insert into order_status_history (order_id, status, changed_by)
-            select id, status, $2 from cancelled
-        )
-        select id as "id!: OrderId", user_id as "user_id!: UserId", product_name as "product_name!",
-               amount as "amount!", status as "status!: OrderStatus", created_at as "created_at!",
-               updated_at as "updated_at!"
-        from cancelled
-        "#,
-        id as OrderId,
-        changed_by,
-    )
-    .fetch_optional(executor)
     .await
 }
 

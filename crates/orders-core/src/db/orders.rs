@@ -391,27 +391,7 @@ pub async fn cancel_order(
     user_id: UserId,
     id: OrderId,
 ) -> Result<Order, CancelError> {
-    let cancelled = sqlx::query_as!(
-        Order,
-        r#"
-        with cancelled as (
-            update orders set status = 'CANCELLED', updated_at = now()
-            where id = $1 and user_id = $2 and status = 'PENDING'
-            returning *
-        ), logged as (
-            insert into order_status_history (order_id, status) select id, status from cancelled
-        )
-        select id as "id!: OrderId", user_id as "user_id!: UserId", product_name as "product_name!",
-               amount as "amount!", status as "status!: OrderStatus", created_at as "created_at!",
-               updated_at as "updated_at!"
-        from cancelled
-        "#,
-        id as OrderId,
-        user_id as UserId,
-    )
-    .fetch_optional(pool)
-    .await?;
-    match cancelled {
+    match cancel_pending(pool, id, Some(user_id), None).await? {
         Some(order) => Ok(order),
         // The status never returns to PENDING, so a row found now is one that cannot be cancelled.
         None => match find_order(pool, user_id, id).await? {
@@ -419,6 +399,39 @@ pub async fn cancel_order(
             None => Err(CancelError::NotFound),
         },
     }
+}
+
+/// Cancels the order `id` if it is `PENDING` (and belongs to `owner`, when given), with its history row recording
+/// `changed_by` (`None`: the owner), so the change shows on the order's live streams. One conditional update:
+/// a worker claiming the order at the same moment either sees it cancelled or wins. `None` when nothing matched.
+pub async fn cancel_pending(
+    executor: impl PgExecutor<'_>,
+    id: OrderId,
+    owner: Option<UserId>,
+    changed_by: Option<&str>,
+) -> sqlx::Result<Option<Order>> {
+    sqlx::query_as!(
+        Order,
+        r#"
+        with cancelled as (
+            update orders set status = 'CANCELLED', updated_at = now()
+            where id = $1 and ($2::uuid is null or user_id = $2) and status = 'PENDING'
+            returning *
+        ), logged as (
+            insert into order_status_history (order_id, status, changed_by)
+            select id, status, $3 from cancelled
+        )
+        select id as "id!: OrderId", user_id as "user_id!: UserId", product_name as "product_name!",
+               amount as "amount!", status as "status!: OrderStatus", created_at as "created_at!",
+               updated_at as "updated_at!"
+        from cancelled
+        "#,
+        id as OrderId,
+        owner as Option<UserId>,
+        changed_by,
+    )
+    .fetch_optional(executor)
+    .await
 }
 
 /// Compares a stored order with a repeated request: same product and same amount.

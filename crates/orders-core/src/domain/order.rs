@@ -248,7 +248,7 @@ impl IdempotencyKey {
 }
 
 /// An order as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Order {
     /// The order's id.
     pub id: OrderId,
