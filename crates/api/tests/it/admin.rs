@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     events::{Stream, statuses, with_worker},
-    helpers::{PASSWORD, TestApp, database_url_of, json, redis_url},
+    helpers::{PASSWORD, Registered, TestApp, database_url_of, json, redis_url},
 };
 
 /// A test app whose overview refreshes every 200 ms.
@@ -31,16 +31,9 @@ struct Member {
     token: String,
 }
 
+/// Registers a user with `role` and logs them in.
 async fn member(app: &TestApp, role: &str) -> Member {
-    let email = format!("{role}-{}@example.com", Uuid::new_v4());
-    let registered = app.register(&email).await;
-    assert_eq!(registered.status(), StatusCode::CREATED);
-    let id = json(registered).await["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    set_role(&app.db, &email, role).await;
+    let Registered { id, email } = app.register_with_role(role).await;
     let login = app.login(&email, PASSWORD).await;
     assert_eq!(login.status(), StatusCode::OK);
     let token = json(login).await["access_token"]
@@ -48,15 +41,6 @@ async fn member(app: &TestApp, role: &str) -> Member {
         .unwrap()
         .to_owned();
     Member { id, email, token }
-}
-
-async fn set_role(db: &PgPool, email: &str, role: &str) {
-    sqlx::query("update users set role = $2 where email = $1")
-        .bind(email)
-        .bind(role)
-        .execute(db)
-        .await
-        .unwrap();
 }
 
 /// Sends `method path` with `token` as Bearer (if any) and `body` as JSON (if any).
@@ -78,15 +62,63 @@ async fn send(
     request.send().await.unwrap()
 }
 
-/// Inserts an order straight into the database (any status, time and product), bypassing the queue.
-async fn insert_order(
-    db: &PgPool,
+/// Sends `GET path` as the holder of `token`.
+async fn get_as(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
+    send(app, Method::GET, path, Some(token), None).await
+}
+
+/// Sends `GET path` as the holder of `token`: the body, as JSON.
+async fn get_json(app: &TestApp, token: &str, path: &str) -> Value {
+    json(get_as(app, token, path).await).await
+}
+
+/// Sends `POST path` as the holder of `token`, with `body` as JSON (if any).
+async fn post_as(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> reqwest::Response {
+    send(app, Method::POST, path, Some(token), body).await
+}
+
+/// Sends `POST /admin/orders/redrive` as the holder of `token`, with `body`.
+async fn redrive(app: &TestApp, token: &str, body: &Value) -> reqwest::Response {
+    post_as(app, token, "/admin/orders/redrive", Some(body)).await
+}
+
+/// An order to insert straight into the database, bypassing the queue.
+struct NewOrder {
     user: Uuid,
-    product: &str,
-    status: &str,
+    product: &'static str,
+    status: &'static str,
     created_at: chrono::DateTime<chrono::Utc>,
+    /// Parked after its attempts ran out: 5 attempts, `parked_at` now and a last error.
     parked: bool,
-) -> Uuid {
+}
+
+impl NewOrder {
+    /// A PENDING "Widget" of `user`, created now, not parked.
+    fn of(user: Uuid) -> Self {
+        Self {
+            user,
+            product: "Widget",
+            status: "PENDING",
+            created_at: chrono::Utc::now(),
+            parked: false,
+        }
+    }
+}
+
+/// Inserts `order` straight into the database: its id.
+async fn insert_order(db: &PgPool, order: NewOrder) -> Uuid {
+    let NewOrder {
+        user,
+        product,
+        status,
+        created_at,
+        parked,
+    } = order;
     let id = Uuid::now_v7();
     sqlx::query(
         "insert into orders (id, user_id, product_name, amount, status, created_at, updated_at, attempts, parked_at, last_error)
@@ -103,6 +135,15 @@ async fn insert_order(
     .await
     .unwrap();
     id
+}
+
+/// Inserts a parked PENDING "Widget" of `user`: its id, as text.
+async fn insert_parked(db: &PgPool, user: Uuid) -> String {
+    let order = NewOrder {
+        parked: true,
+        ..NewOrder::of(user)
+    };
+    insert_order(db, order).await.to_string()
 }
 
 /// The admin routes: (method, path, whether it is an action, its body).
@@ -136,16 +177,7 @@ async fn every_admin_route_answers_each_role_as_it_may(pool: PgPool) {
     let customer = member(&app, "customer").await;
     let viewer = member(&app, "viewer").await;
     let operator = member(&app, "operator").await;
-    let parked = insert_order(
-        &app.db,
-        customer.id,
-        "Widget",
-        "PENDING",
-        chrono::Utc::now(),
-        true,
-    )
-    .await
-    .to_string();
+    let parked = insert_parked(&app.db, customer.id).await;
     let order = app.create_widget(&customer.token).await;
     for (method, path, action, body) in routes(&order, &parked) {
         let cases = [
@@ -189,7 +221,7 @@ async fn every_admin_route_answers_each_role_as_it_may(pool: PgPool) {
         }
     }
     // The operator's cancel above went through; the customer's orders are otherwise untouched.
-    let me = json(send(&app, Method::GET, "/admin/me", Some(&viewer.token), None).await).await;
+    let me = get_json(&app, &viewer.token, "/admin/me").await;
     assert_eq!(
         me,
         json!({"id": viewer.id, "email": viewer.email, "name": "Ada", "role": "viewer"})
@@ -231,12 +263,11 @@ async fn the_console_cookie_reads_and_acts_only_with_the_csrf_token(pool: PgPool
                 .contains("X-CSRF-Token")
         );
     }
-    let status: String = sqlx::query_scalar("select status::text from orders where id = $1::uuid")
-        .bind(&order)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(status, "PENDING", "a refused request changed nothing");
+    assert_eq!(
+        status_of(&app.db, &order).await,
+        "PENDING",
+        "a refused request changed nothing"
+    );
 
     let done = client
         .post(app.url(&cancel))
@@ -267,7 +298,7 @@ async fn all_pages(app: &TestApp, token: &str, path: &str) -> Vec<String> {
     let mut next = Some(path.to_owned());
     let mut pages = 0;
     while let Some(path) = next.take() {
-        let response = send(app, Method::GET, &path, Some(token), None).await;
+        let response = get_as(app, token, &path).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         next = response.headers().get(header::LINK).map(|link| {
             let link = link.to_str().unwrap();
@@ -308,7 +339,14 @@ async fn the_search_finds_by_each_key_and_pages_without_gaps_or_duplicates(pool:
     ];
     let mut orders: Vec<Inserted> = Vec::new();
     for (user, product, status, days, parked) in rows {
-        let id = insert_order(&app.db, user, product, status, day(days), parked).await;
+        let order = NewOrder {
+            user,
+            product,
+            status,
+            created_at: day(days),
+            parked,
+        };
+        let id = insert_order(&app.db, order).await;
         orders.push((id.to_string(), user, product, status, days, parked));
     }
     // Newest first: the rows were inserted oldest first.
@@ -379,15 +417,10 @@ async fn the_search_finds_by_each_key_and_pages_without_gaps_or_duplicates(pool:
         assert_eq!(found, expected, "{query}");
     }
 
-    let page = json(
-        send(
-            &app,
-            Method::GET,
-            &format!("/admin/orders?id={}", orders[1].0),
-            Some(&viewer.token),
-            None,
-        )
-        .await,
+    let page = get_json(
+        &app,
+        &viewer.token,
+        &format!("/admin/orders?id={}", orders[1].0),
     )
     .await;
     assert_eq!(page[0]["user_email"], ada.email);
@@ -406,14 +439,7 @@ async fn the_search_finds_by_each_key_and_pages_without_gaps_or_duplicates(pool:
         ("created_from=yesterday", "created_from"),
         ("created_to=-5000-01-01T00:00:00Z", "created_to"),
     ] {
-        let response = send(
-            &app,
-            Method::GET,
-            &format!("/admin/orders?{query}"),
-            Some(&viewer.token),
-            None,
-        )
-        .await;
+        let response = get_as(&app, &viewer.token, &format!("/admin/orders?{query}")).await;
         crate::helpers::assert_422_at(response, json!(["query", field])).await;
     }
 }
@@ -425,17 +451,7 @@ async fn the_detail_shows_the_worker_fields_and_the_timeline(pool: PgPool) {
     let customer = member(&app, "customer").await;
     let order = app.create_widget(&customer.token).await;
     let detail = wait_for(Duration::from_secs(10), || async {
-        let detail = json(
-            send(
-                &app,
-                Method::GET,
-                &format!("/admin/orders/{order}"),
-                Some(&viewer.token),
-                None,
-            )
-            .await,
-        )
-        .await;
+        let detail = get_json(&app, &viewer.token, &format!("/admin/orders/{order}")).await;
         (detail["status"] == "COMPLETED").then_some(detail)
     })
     .await;
@@ -456,24 +472,15 @@ async fn the_detail_shows_the_worker_fields_and_the_timeline(pool: PgPool) {
             .unwrap()
             .starts_with("worker-")
     );
-    let missing = send(
+    let missing = get_as(
         &app,
-        Method::GET,
+        &viewer.token,
         &format!("/admin/orders/{}", Uuid::now_v7()),
-        Some(&viewer.token),
-        None,
     )
     .await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     crate::helpers::assert_422_at(
-        send(
-            &app,
-            Method::GET,
-            "/admin/orders/nope",
-            Some(&viewer.token),
-            None,
-        )
-        .await,
+        get_as(&app, &viewer.token, "/admin/orders/nope").await,
         json!(["path", "id"]),
     )
     .await;
@@ -495,6 +502,7 @@ where
     }
 }
 
+/// The status of the order `id`, as the database holds it.
 async fn status_of(db: &PgPool, id: &str) -> String {
     sqlx::query_scalar("select status::text from orders where id = $1::uuid")
         .bind(id)
@@ -503,40 +511,29 @@ async fn status_of(db: &PgPool, id: &str) -> String {
         .unwrap()
 }
 
+/// Waits up to 10 s for the order `id` to be COMPLETED.
+async fn wait_until_completed(db: &PgPool, id: &str) {
+    wait_for(Duration::from_secs(10), || async {
+        (status_of(db, id).await == "COMPLETED").then_some(())
+    })
+    .await;
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_entry(pool: PgPool) {
     let app = TestApp::spawn_with(pool, with_worker(50)).await;
     let operator = member(&app, "operator").await;
     let customer = member(&app, "customer").await;
-    let parked = insert_order(
-        &app.db,
-        customer.id,
-        "Widget",
-        "PENDING",
-        chrono::Utc::now(),
-        true,
-    )
-    .await
-    .to_string();
+    let parked = insert_parked(&app.db, customer.id).await;
     let done = app.create_widget(&customer.token).await;
-    wait_for(Duration::from_secs(10), || async {
-        (status_of(&app.db, &done).await == "COMPLETED").then_some(())
-    })
-    .await;
+    wait_until_completed(&app.db, &done).await;
     // The reconciler leaves a parked order alone.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(status_of(&app.db, &parked).await, "PENDING");
 
     let missing = Uuid::now_v7().to_string();
     let body = json!({"ids": [parked, done, missing, parked]});
-    let response = send(
-        &app,
-        Method::POST,
-        "/admin/orders/redrive",
-        Some(&operator.token),
-        Some(&body),
-    )
-    .await;
+    let response = redrive(&app, &operator.token, &body).await;
     assert_eq!(response.status(), StatusCode::OK);
     let answer = json(response).await;
     assert_eq!(
@@ -548,10 +545,7 @@ async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_e
         ])
     );
     assert_eq!(answer["pushed"], true);
-    wait_for(Duration::from_secs(10), || async {
-        (status_of(&app.db, &parked).await == "COMPLETED").then_some(())
-    })
-    .await;
+    wait_until_completed(&app.db, &parked).await;
     let (attempts, parked_at): (i32, Option<chrono::DateTime<chrono::Utc>>) =
         sqlx::query_as("select attempts, parked_at from orders where id = $1::uuid")
             .bind(&parked)
@@ -560,17 +554,7 @@ async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_e
             .unwrap();
     assert_eq!((attempts, parked_at), (1, None));
 
-    let audit = json(
-        send(
-            &app,
-            Method::GET,
-            "/admin/audit",
-            Some(&operator.token),
-            None,
-        )
-        .await,
-    )
-    .await;
+    let audit = get_json(&app, &operator.token, "/admin/audit").await;
     let entry = &audit[0];
     assert_eq!(entry["id"], answer["audit_id"]);
     assert_eq!(entry["action"], "redrive");
@@ -583,29 +567,9 @@ async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_e
 
     // By search: the filters are recorded as sent, and nothing is parked any more.
     let by_search = json!({"search": {"parked": true, "status": "PENDING"}});
-    let answer = json(
-        send(
-            &app,
-            Method::POST,
-            "/admin/orders/redrive",
-            Some(&operator.token),
-            Some(&by_search),
-        )
-        .await,
-    )
-    .await;
+    let answer = json(redrive(&app, &operator.token, &by_search).await).await;
     assert_eq!(answer["results"], json!([]));
-    let audit = json(
-        send(
-            &app,
-            Method::GET,
-            "/admin/audit?limit=1",
-            Some(&operator.token),
-            None,
-        )
-        .await,
-    )
-    .await;
+    let audit = get_json(&app, &operator.token, "/admin/audit?limit=1").await;
     assert_eq!(audit[0]["request"], by_search);
 
     // More than 1,000 orders, neither or both keys, or a bad filter: 422, and nothing recorded.
@@ -628,21 +592,10 @@ async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_e
         ),
         (json!({"search": [null, null]}), json!(["body", "search"])),
     ] {
-        let response = send(
-            &app,
-            Method::POST,
-            "/admin/orders/redrive",
-            Some(&operator.token),
-            Some(&body),
-        )
-        .await;
+        let response = redrive(&app, &operator.token, &body).await;
         crate::helpers::assert_422_at(response, loc).await;
     }
-    let entries: i64 = sqlx::query_scalar("select count(*) from audit_log")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(entries, 2);
+    assert_eq!(app.count("audit_log").await, 2);
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
@@ -658,23 +611,16 @@ async fn a_search_matching_more_than_1000_orders_is_refused(pool: PgPool) {
     .execute(&app.db)
     .await
     .unwrap();
-    let response = send(
+    let response = redrive(
         &app,
-        Method::POST,
-        "/admin/orders/redrive",
-        Some(&operator.token),
-        Some(&json!({"search": {"product": "Bulk"}})),
+        &operator.token,
+        &json!({"search": {"product": "Bulk"}}),
     )
     .await;
     crate::helpers::assert_422_at(response, json!(["body", "search"])).await;
-    let response = send(
-        &app,
-        Method::POST,
-        "/admin/orders/redrive",
-        Some(&operator.token),
-        Some(&json!({"search": {"product": "Bulk", "created_from": (chrono::Utc::now() - chrono::Duration::seconds(500)).to_rfc3339()}})),
-    )
-    .await;
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(500)).to_rfc3339();
+    let body = json!({"search": {"product": "Bulk", "created_from": since}});
+    let response = redrive(&app, &operator.token, &body).await;
     assert_eq!(response.status(), StatusCode::OK);
     let results = json(response).await["results"].as_array().unwrap().len();
     assert!((498..=500).contains(&results), "{results}");
@@ -693,7 +639,7 @@ async fn an_operator_cancel_shows_on_the_orders_live_stream(pool: PgPool) {
     assert_eq!(first.status(), "PENDING");
 
     let cancel = format!("/admin/orders/{id}/cancel");
-    let response = send(&app, Method::POST, &cancel, Some(&operator.token), None).await;
+    let response = post_as(&app, &operator.token, &cancel, None).await;
     assert_eq!(response.status(), StatusCode::OK);
     let answer = json(response).await;
     assert_eq!(
@@ -703,47 +649,26 @@ async fn an_operator_cancel_shows_on_the_orders_live_stream(pool: PgPool) {
     let rest = stream.rest().await;
     assert_eq!(statuses(&rest), ["CANCELLED"]);
 
-    let detail = json(
-        send(
-            &app,
-            Method::GET,
-            &format!("/admin/orders/{id}"),
-            Some(&operator.token),
-            None,
-        )
-        .await,
-    )
-    .await;
+    let detail = get_json(&app, &operator.token, &format!("/admin/orders/{id}")).await;
     assert_eq!(
         detail["timeline"][0]["changed_by"],
         format!("operator:{}", operator.email)
     );
     // Again: nothing to do, and said so.
-    let again = json(send(&app, Method::POST, &cancel, Some(&operator.token), None).await).await;
+    let again = json(post_as(&app, &operator.token, &cancel, None).await).await;
     assert_eq!(
         again["results"],
         json!([{"id": id, "result": "not_pending", "status": "CANCELLED"}])
     );
-    let missing = send(
+    let missing = post_as(
         &app,
-        Method::POST,
+        &operator.token,
         &format!("/admin/orders/{}/cancel", Uuid::now_v7()),
-        Some(&operator.token),
         None,
     )
     .await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    let audit = json(
-        send(
-            &app,
-            Method::GET,
-            "/admin/audit",
-            Some(&operator.token),
-            None,
-        )
-        .await,
-    )
-    .await;
+    let audit = get_json(&app, &operator.token, "/admin/audit").await;
     let actions: Vec<(&str, &Value)> = audit
         .as_array()
         .unwrap()
@@ -770,14 +695,7 @@ async fn the_audit_log_pages_newest_first(pool: PgPool) {
     let operator = member(&app, "operator").await;
     for _ in 0..5 {
         let body = json!({"ids": [Uuid::now_v7()]});
-        let response = send(
-            &app,
-            Method::POST,
-            "/admin/orders/redrive",
-            Some(&operator.token),
-            Some(&body),
-        )
-        .await;
+        let response = redrive(&app, &operator.token, &body).await;
         assert_eq!(response.status(), StatusCode::OK);
     }
     let ids: Vec<i64> = all_pages(&app, &operator.token, "/admin/audit?limit=2")
@@ -798,7 +716,7 @@ async fn a_demoted_operator_loses_access_at_once(pool: PgPool) {
     let operator = member(&app, "operator").await;
     let customer = member(&app, "customer").await;
     let order = app.create_widget(&customer.token).await;
-    let me = send(&app, Method::GET, "/admin/me", Some(&operator.token), None).await;
+    let me = get_as(&app, &operator.token, "/admin/me").await;
     assert_eq!(me.status(), StatusCode::OK);
     let mut overview = Stream::start(&app, &operator.token, "/admin/overview/events", None).await;
     assert_eq!(
@@ -806,20 +724,18 @@ async fn a_demoted_operator_loses_access_at_once(pool: PgPool) {
         "overview"
     );
 
-    set_role(&app.db, &operator.email, "viewer").await;
+    app.set_role(&operator.email, "viewer").await;
     let cancel = format!("/admin/orders/{order}/cancel");
-    let response = send(&app, Method::POST, &cancel, Some(&operator.token), None).await;
+    let response = post_as(&app, &operator.token, &cancel, None).await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(
-        send(&app, Method::GET, "/admin/me", Some(&operator.token), None)
-            .await
-            .status(),
+        get_as(&app, &operator.token, "/admin/me").await.status(),
         StatusCode::OK
     );
 
-    set_role(&app.db, &operator.email, "customer").await;
+    app.set_role(&operator.email, "customer").await;
     for path in ["/admin/me", "/admin/orders", "/admin/overview"] {
-        let response = send(&app, Method::GET, path, Some(&operator.token), None).await;
+        let response = get_as(&app, &operator.token, path).await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
     }
     // The open stream ends within a role check's interval.
@@ -840,7 +756,13 @@ async fn the_overview_counts_the_orders_and_streams_each_refresh(pool: PgPool) {
     let customer = member(&app, "customer").await;
     let now = chrono::Utc::now();
     for (status, parked) in [("PENDING", false), ("PENDING", true), ("PROCESSING", false)] {
-        insert_order(&app.db, customer.id, "Widget", status, now, parked).await;
+        let order = NewOrder {
+            status,
+            created_at: now,
+            parked,
+            ..NewOrder::of(customer.id)
+        };
+        insert_order(&app.db, order).await;
     }
     // Finished orders are counted from their status changes, as the api and the worker record them.
     let cancelled = app.create_widget(&customer.token).await;
@@ -850,7 +772,11 @@ async fn the_overview_counts_the_orders_and_streams_each_refresh(pool: PgPool) {
     );
     // Two completions 2 s and 4 s after their creation, recorded as the worker records them.
     for latency in [2, 4] {
-        let id = insert_order(&app.db, customer.id, "Widget", "PENDING", now, false).await;
+        let order = NewOrder {
+            created_at: now,
+            ..NewOrder::of(customer.id)
+        };
+        let id = insert_order(&app.db, order).await;
         sqlx::query(
             "with done as (update orders set status = 'COMPLETED', created_at = now() - make_interval(secs => $2),
                                   updated_at = now() where id = $1 returning id)
@@ -863,17 +789,7 @@ async fn the_overview_counts_the_orders_and_streams_each_refresh(pool: PgPool) {
         .unwrap();
     }
     let overview = wait_for(Duration::from_secs(10), || async {
-        let overview = json(
-            send(
-                &app,
-                Method::GET,
-                "/admin/overview",
-                Some(&viewer.token),
-                None,
-            )
-            .await,
-        )
-        .await;
+        let overview = get_json(&app, &viewer.token, "/admin/overview").await;
         (overview["orders"]["COMPLETED"] == 2).then_some(overview)
     })
     .await;
@@ -926,10 +842,7 @@ async fn live_workers_are_listed_with_their_counts_and_vanish_when_they_stop(poo
     let viewer = member(&app, "viewer").await;
     let customer = member(&app, "customer").await;
     let order = app.create_widget(&customer.token).await;
-    wait_for(Duration::from_secs(10), || async {
-        (status_of(&app.db, &order).await == "COMPLETED").then_some(())
-    })
-    .await;
+    wait_until_completed(&app.db, &order).await;
     // A second worker process of the same queue, stopped below.
     let mut queue = worker::Config::parse_from(["worker"]).queue;
     queue.redis_url = redis_url();
@@ -940,17 +853,7 @@ async fn live_workers_are_listed_with_their_counts_and_vanish_when_they_stop(poo
     let second = tokio::spawn(worker::run(settings, queue, pool.clone(), stop.clone()));
 
     let workers = wait_for(Duration::from_secs(10), || async {
-        let workers = json(
-            send(
-                &app,
-                Method::GET,
-                "/admin/workers",
-                Some(&viewer.token),
-                None,
-            )
-            .await,
-        )
-        .await;
+        let workers = get_json(&app, &viewer.token, "/admin/workers").await;
         let done: u64 = workers
             .as_array()
             .unwrap()
@@ -973,17 +876,7 @@ async fn live_workers_are_listed_with_their_counts_and_vanish_when_they_stop(poo
     }
     stop.cancel();
     second.await.unwrap().unwrap();
-    let workers = json(
-        send(
-            &app,
-            Method::GET,
-            "/admin/workers",
-            Some(&viewer.token),
-            None,
-        )
-        .await,
-    )
-    .await;
+    let workers = get_json(&app, &viewer.token, "/admin/workers").await;
     assert_eq!(workers.as_array().unwrap().len(), 1, "{workers}");
     assert_eq!(workers[0]["done"], 1);
 }

@@ -91,37 +91,57 @@ fn browser() -> Client {
     Client::builder().redirect(Policy::none()).build().unwrap()
 }
 
-/// A registered user with `role`: their email.
-async fn user_with_role(app: &TestApp, role: &str) -> String {
-    let email = format!("{role}-{}@example.com", Uuid::new_v4());
-    assert_eq!(app.register(&email).await.status(), StatusCode::CREATED);
-    sqlx::query("update users set role = $1 where email = $2")
-        .bind(role)
-        .bind(&email)
-        .execute(&app.db)
-        .await
-        .unwrap();
-    email
-}
-
-/// Opens the login form as a browser does: its `console_csrf` cookie.
-async fn open_login_form(app: &TestApp, client: &Client, jar: &mut Jar) {
-    let form = client
-        .get(app.url("/console/login"))
+/// Sends `GET path` with the cookies of `jar`.
+async fn get_with(app: &TestApp, client: &Client, path: &str, jar: &Jar) -> Response {
+    client
+        .get(app.url(path))
         .header(header::COOKIE, jar.header())
         .send()
         .await
-        .unwrap();
-    assert_eq!(form.status(), StatusCode::OK);
-    jar.take(&form);
-    let page = form.text().await.unwrap();
-    assert!(
-        page.contains(&format!(
-            r#"name="csrf" value="{}""#,
-            jar.get("console_csrf")
-        )),
-        "{page}"
-    );
+        .unwrap()
+}
+
+/// The login form as a browser holds it once opened: its cookies (a `console_csrf`) and the form's CSRF value.
+struct LoginForm {
+    jar: Jar,
+    csrf: String,
+}
+
+impl LoginForm {
+    /// Opens the login form in a browser with no cookies yet, checking that the form carries the cookie's value.
+    async fn open(app: &TestApp, client: &Client) -> Self {
+        let mut jar = Jar::default();
+        let form = get_with(app, client, "/console/login", &jar).await;
+        assert_eq!(form.status(), StatusCode::OK);
+        jar.take(&form);
+        let csrf = jar.get("console_csrf").to_owned();
+        let page = form.text().await.unwrap();
+        assert!(
+            page.contains(&format!(r#"name="csrf" value="{csrf}""#)),
+            "{page}"
+        );
+        Self { jar, csrf }
+    }
+
+    /// The form's fields filled in with `email` and `password`.
+    fn fields<'a>(&'a self, email: &'a str, password: &'a str) -> [(&'a str, &'a str); 3] {
+        [
+            ("email", email),
+            ("password", password),
+            ("csrf", &self.csrf),
+        ]
+    }
+
+    /// Posts the form filled in with `email` and `password`, with its cookies.
+    async fn submit(
+        &self,
+        app: &TestApp,
+        client: &Client,
+        email: &str,
+        password: &str,
+    ) -> Response {
+        post_login(app, client, &self.jar, &self.fields(email, password), None).await
+    }
 }
 
 /// Posts the login form with these fields.
@@ -148,22 +168,15 @@ async fn post_login(
 
 /// Logs in through the form as `email`: the browser's cookies afterwards.
 async fn console_login(app: &TestApp, client: &Client, email: &str) -> Jar {
-    let mut jar = Jar::default();
-    open_login_form(app, client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
-    let response = post_login(
-        app,
-        client,
-        &jar,
-        &[("email", email), ("password", PASSWORD), ("csrf", &csrf)],
-        None,
-    )
-    .await;
+    let form = LoginForm::open(app, client).await;
+    let response = form.submit(app, client, email, PASSWORD).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let mut jar = form.jar;
     jar.take(&response);
     jar
 }
 
+/// Posts to `path` with the cookies of `jar` and `csrf` as X-CSRF-Token (if any).
 async fn post_with(
     app: &TestApp,
     client: &Client,
@@ -180,6 +193,28 @@ async fn post_with(
     request.send().await.unwrap()
 }
 
+/// Posts to `path` as the console's script does: the cookies of `jar`, and its `console_csrf` as X-CSRF-Token.
+async fn post_from_page(app: &TestApp, client: &Client, path: &str, jar: &Jar) -> Response {
+    post_with(app, client, path, jar, Some(jar.get("console_csrf"))).await
+}
+
+/// Fails if `response` sets a cookie.
+fn assert_sets_no_cookie(response: &Response, what: &str) {
+    let cookies = set_cookies(response.headers());
+    assert!(cookies.is_empty(), "{what}: {cookies:?}");
+}
+
+/// Fails unless `response` is an HTML page.
+fn assert_html(response: &Response) {
+    assert!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+}
+
+/// Fails unless `response` carries the console's security headers (`what` names it in the message).
 fn assert_security_headers(response: &Response, what: &str) {
     let headers = response.headers();
     let csp = headers
@@ -207,24 +242,15 @@ fn assert_security_headers(response: &Response, what: &str) {
 async fn logging_in_sets_the_three_console_cookies_with_their_attributes(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "operator").await;
-    let mut jar = Jar::default();
-    open_login_form(&app, &client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
+    let email = app.register_with_role("operator").await.email;
+    let mut form = LoginForm::open(&app, &client).await;
 
-    let response = post_login(
-        &app,
-        &client,
-        &jar,
-        &[
-            ("email", &email),
-            ("password", PASSWORD),
-            ("csrf", &csrf),
-            ("next", "/console/parked"),
-        ],
-        None,
-    )
-    .await;
+    let fields = [
+        form.fields(&email, PASSWORD).as_slice(),
+        &[("next", "/console/parked")],
+    ]
+    .concat();
+    let response = post_login(&app, &client, &form.jar, &fields, None).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(response.headers()[header::LOCATION], "/console/parked");
     let cookies = set_cookies(response.headers());
@@ -247,7 +273,7 @@ async fn logging_in_sets_the_three_console_cookies_with_their_attributes(pool: P
     assert!(!new_csrf.has("HttpOnly") && new_csrf.attribute("Path") == Some("/"));
     assert_ne!(
         new_csrf.pair().1,
-        csrf,
+        form.csrf,
         "a login starts with a new CSRF value"
     );
     assert!(new_csrf.pair().1.len() >= 32);
@@ -261,8 +287,8 @@ async fn logging_in_sets_the_three_console_cookies_with_their_attributes(pool: P
     let response = post_login(
         &app,
         &client,
-        &jar,
-        &[("email", &email), ("password", PASSWORD), ("csrf", &csrf)],
+        &form.jar,
+        &form.fields(&email, PASSWORD),
         Some("console.example.com"),
     )
     .await;
@@ -275,25 +301,18 @@ async fn logging_in_sets_the_three_console_cookies_with_their_attributes(pool: P
     );
 
     // A browser that holds a session is sent on from the form to the console.
-    jar.take(&response);
-    let form = client
-        .get(app.url("/console/login"))
-        .header(header::COOKIE, jar.header())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(form.status(), StatusCode::SEE_OTHER);
-    assert_eq!(form.headers()[header::LOCATION], "/console");
+    form.jar.take(&response);
+    let again = get_with(&app, &client, "/console/login", &form.jar).await;
+    assert_eq!(again.status(), StatusCode::SEE_OTHER);
+    assert_eq!(again.headers()[header::LOCATION], "/console");
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_wrong_password_answers_the_form_again_with_a_message_and_no_session(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "operator").await;
-    let mut jar = Jar::default();
-    open_login_form(&app, &client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
+    let email = app.register_with_role("operator").await.email;
+    let form = LoginForm::open(&app, &client).await;
     let cases = [
         (
             email.as_str(),
@@ -321,22 +340,10 @@ async fn a_wrong_password_answers_the_form_again_with_a_message_and_no_session(p
         ),
     ];
     for (address, password, status, message) in cases {
-        let response = post_login(
-            &app,
-            &client,
-            &jar,
-            &[("email", address), ("password", password), ("csrf", &csrf)],
-            None,
-        )
-        .await;
+        let response = form.submit(&app, &client, address, password).await;
         assert_eq!(response.status(), status, "{address} / {password}");
-        assert!(set_cookies(response.headers()).is_empty(), "{address}");
-        assert!(
-            response.headers()[header::CONTENT_TYPE]
-                .to_str()
-                .unwrap()
-                .starts_with("text/html")
-        );
+        assert_sets_no_cookie(&response, address);
+        assert_html(&response);
         assert_security_headers(&response, "the form again");
         let page = response.text().await.unwrap();
         assert!(page.contains(message), "{page}");
@@ -359,7 +366,7 @@ async fn a_wrong_password_answers_the_form_again_with_a_message_and_no_session(p
         &app,
         &client,
         &Jar::default(),
-        &[("email", &email), ("password", PASSWORD), ("csrf", &csrf)],
+        &form.fields(&email, PASSWORD),
         None,
     )
     .await;
@@ -387,38 +394,18 @@ fn escape(text: &str) -> String {
 async fn the_login_form_is_throttled_as_the_login_route_is(pool: PgPool) {
     let app = TestApp::spawn_with(pool, |config| config.login_max_failures = 2).await;
     let client = browser();
-    let email = user_with_role(&app, "viewer").await;
-    let mut jar = Jar::default();
-    open_login_form(&app, &client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
+    let email = app.register_with_role("viewer").await.email;
+    let form = LoginForm::open(&app, &client).await;
     for _ in 0..2 {
-        let response = post_login(
-            &app,
-            &client,
-            &jar,
-            &[
-                ("email", &email),
-                ("password", "wrong password!"),
-                ("csrf", &csrf),
-            ],
-            None,
-        )
-        .await;
+        let response = form.submit(&app, &client, &email, "wrong password!").await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
     // The third attempt is refused before the password is looked at, right or not, and the attempts counted on
     // the form count for /auth/login too.
-    let response = post_login(
-        &app,
-        &client,
-        &jar,
-        &[("email", &email), ("password", PASSWORD), ("csrf", &csrf)],
-        None,
-    )
-    .await;
+    let response = form.submit(&app, &client, &email, PASSWORD).await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(response.headers().contains_key(header::RETRY_AFTER));
-    assert!(set_cookies(response.headers()).is_empty());
+    assert_sets_no_cookie(&response, "the throttled form");
     assert!(
         response
             .text()
@@ -442,17 +429,10 @@ async fn the_login_form_shares_the_login_rate_limit(pool: PgPool) {
     })
     .await;
     let client = browser();
-    let email = user_with_role(&app, "viewer").await;
-    let mut jar = Jar::default();
-    open_login_form(&app, &client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
-    let fields = [
-        ("email", email.as_str()),
-        ("password", "wrong password!"),
-        ("csrf", csrf.as_str()),
-    ];
+    let email = app.register_with_role("viewer").await.email;
+    let form = LoginForm::open(&app, &client).await;
     for attempt in 1..=3 {
-        let response = post_login(&app, &client, &jar, &fields, None).await;
+        let response = form.submit(&app, &client, &email, "wrong password!").await;
         assert_eq!(
             response.status(),
             StatusCode::UNAUTHORIZED,
@@ -466,23 +446,18 @@ async fn the_login_form_shares_the_login_rate_limit(pool: PgPool) {
             "attempt {attempt}"
         );
     }
-    let response = post_login(&app, &client, &jar, &fields, None).await;
+    let response = form.submit(&app, &client, &email, "wrong password!").await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(crate::helpers::retry_after(&response) >= 1);
     assert_security_headers(&response, "the limited form");
-    assert!(
-        response.headers()[header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
+    assert_html(&response);
     let page = response.text().await.unwrap();
     assert!(
         page.contains("Too many login attempts from this address"),
         "{page}"
     );
     assert!(
-        page.contains(&format!(r#"name="csrf" value="{csrf}""#)),
+        page.contains(&format!(r#"name="csrf" value="{}""#, form.csrf)),
         "{page}"
     );
     // Showing the form is not an attempt.
@@ -494,31 +469,18 @@ async fn the_login_form_shares_the_login_rate_limit(pool: PgPool) {
 async fn a_customer_gets_a_no_access_page_and_no_session(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "customer").await;
-    let mut jar = Jar::default();
-    open_login_form(&app, &client, &mut jar).await;
-    let csrf = jar.get("console_csrf").to_owned();
-    let response = post_login(
-        &app,
-        &client,
-        &jar,
-        &[("email", &email), ("password", PASSWORD), ("csrf", &csrf)],
-        None,
-    )
-    .await;
+    let email = app.register_with_role("customer").await.email;
+    let form = LoginForm::open(&app, &client).await;
+    let response = form.submit(&app, &client, &email, PASSWORD).await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    assert!(set_cookies(response.headers()).is_empty());
+    assert_sets_no_cookie(&response, "no access");
     assert_security_headers(&response, "no access");
     let page = response.text().await.unwrap();
     assert!(page.contains("has no console access"), "{page}");
     assert_eq!(app.count("refresh_tokens").await, 0);
 
     // Made a viewer, the same account gets in.
-    sqlx::query("update users set role = 'viewer' where email = $1")
-        .bind(&email)
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.set_role(&email, "viewer").await;
     let jar = console_login(&app, &client, &email).await;
     assert!(!jar.get("console_token").is_empty());
 }
@@ -527,22 +489,21 @@ async fn a_customer_gets_a_no_access_page_and_no_session(pool: PgPool) {
 async fn refresh_and_logout_need_the_csrf_header(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "viewer").await;
+    let email = app.register_with_role("viewer").await.email;
     let jar = console_login(&app, &client, &email).await;
-    let csrf = jar.get("console_csrf").to_owned();
 
     for path in ["/console/refresh", "/console/logout"] {
         for wrong in [None, Some("not-the-cookie"), Some("")] {
             let response = post_with(&app, &client, path, &jar, wrong).await;
             assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path} {wrong:?}");
-            assert!(set_cookies(response.headers()).is_empty());
+            assert_sets_no_cookie(&response, path);
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["detail"], "Missing or wrong X-CSRF-Token");
         }
     }
 
     // With it, a refresh rotates the session: three new cookies, the old refresh token dead.
-    let response = post_with(&app, &client, "/console/refresh", &jar, Some(&csrf)).await;
+    let response = post_from_page(&app, &client, "/console/refresh", &jar).await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let mut renewed = jar.clone();
     renewed.take(&response);
@@ -553,14 +514,7 @@ async fn refresh_and_logout_need_the_csrf_header(pool: PgPool) {
     assert_eq!(me.status(), StatusCode::OK);
 
     // Logout revokes the session and clears the cookies.
-    let response = post_with(
-        &app,
-        &client,
-        "/console/logout",
-        &renewed,
-        Some(renewed.get("console_csrf")),
-    )
-    .await;
+    let response = post_from_page(&app, &client, "/console/logout", &renewed).await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let cleared = set_cookies(response.headers());
     assert_eq!(cleared.len(), 3);
@@ -573,14 +527,7 @@ async fn refresh_and_logout_need_the_csrf_header(pool: PgPool) {
     assert_eq!(revoked, 0, "every token of the session is revoked");
 
     // The session is over: a refresh with its last token is refused, and clears the cookies.
-    let response = post_with(
-        &app,
-        &client,
-        "/console/refresh",
-        &renewed,
-        Some(renewed.get("console_csrf")),
-    )
-    .await;
+    let response = post_from_page(&app, &client, "/console/refresh", &renewed).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(set_cookies(response.headers()).len(), 3);
 }
@@ -600,7 +547,7 @@ const PAGES: [&str; 7] = [
 async fn pages_and_assets_carry_the_security_headers(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "viewer").await;
+    let email = app.register_with_role("viewer").await.email;
 
     // Without a session, a page sends the browser to the login form, which brings it back.
     let response = client
@@ -655,12 +602,7 @@ async fn pages_and_assets_carry_the_security_headers(pool: PgPool) {
         "/console/orders/not-an-id",
         "/console/assets/console.js",
     ] {
-        let response = client
-            .get(app.url(path))
-            .header(header::COOKIE, jar.header())
-            .send()
-            .await
-            .unwrap();
+        let response = get_with(&app, &client, path, &jar).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
         assert_security_headers(&response, path);
         assert!(response.text().await.unwrap().contains("Page not found"));
@@ -671,22 +613,18 @@ async fn pages_and_assets_carry_the_security_headers(pool: PgPool) {
 async fn every_asset_and_link_the_pages_reference_is_served(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let client = browser();
-    let email = user_with_role(&app, "operator").await;
+    let email = app.register_with_role("operator").await.email;
     let jar = console_login(&app, &client, &email).await;
 
     let mut referenced = BTreeMap::new();
     for path in PAGES.into_iter().chain(["/console/login"]) {
         let cookies = if path == "/console/login" {
-            String::new()
+            &Jar::default()
         } else {
-            jar.header()
+            &jar
         };
-        let page = client
-            .get(app.url(path))
-            .header(header::COOKIE, cookies)
-            .send()
+        let page = get_with(&app, &client, path, cookies)
             .await
-            .unwrap()
             .text()
             .await
             .unwrap();
@@ -715,12 +653,7 @@ async fn every_asset_and_link_the_pages_reference_is_served(pool: PgPool) {
         if url.starts_with('#') {
             continue;
         }
-        let response = client
-            .get(app.url(url))
-            .header(header::COOKIE, jar.header())
-            .send()
-            .await
-            .unwrap();
+        let response = get_with(&app, &client, url, &jar).await;
         assert_eq!(response.status(), StatusCode::OK, "{url} (on {page})");
         if url.starts_with("/console/assets/") {
             assert_security_headers(&response, url);
@@ -778,8 +711,8 @@ async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browse
     })
     .await;
     let proxy = CutProxy::start(app.base.trim_start_matches("http://").to_owned()).await;
-    let operator = user_with_role(&app, "operator").await;
-    let viewer = user_with_role(&app, "viewer").await;
+    let operator = app.register_with_role("operator").await.email;
+    let viewer = app.register_with_role("viewer").await.email;
     let customer = app.new_user().await;
 
     // Five parked orders, parked before any worker runs: their attempts ran out on a failing payment.

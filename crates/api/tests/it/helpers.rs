@@ -130,6 +130,30 @@ impl TestApp {
         }
     }
 
+    /// Registers a user and gives them `role` (`customer`, `viewer` or `operator`), without logging in.
+    pub async fn register_with_role(&self, role: &str) -> Registered {
+        let email = format!("{role}-{}@example.com", Uuid::new_v4());
+        let registered = self.register(&email).await;
+        assert_eq!(registered.status(), StatusCode::CREATED);
+        let id = json(registered).await["id"]
+            .as_str()
+            .expect("id")
+            .parse()
+            .expect("a UUID");
+        self.set_role(&email, role).await;
+        Registered { id, email }
+    }
+
+    /// Sets the role of the user registered with `email`, straight in the database.
+    pub async fn set_role(&self, email: &str, role: &str) {
+        sqlx::query("update users set role = $2 where email = $1")
+            .bind(email)
+            .bind(role)
+            .execute(&self.db)
+            .await
+            .expect("update the role");
+    }
+
     pub async fn refresh(&self, refresh_token: &str) -> Response {
         self.post_json("/auth/refresh", &json!({"refresh_token": refresh_token}))
             .await
@@ -413,6 +437,12 @@ impl Drop for ApiProcess {
     fn drop(&mut self) {
         delete_queue_keys(&redis_url(), &self.queue_name);
     }
+}
+
+/// A registered user who has not logged in.
+pub struct Registered {
+    pub id: Uuid,
+    pub email: String,
 }
 
 pub struct Tokens {

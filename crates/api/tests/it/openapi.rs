@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use reqwest::StatusCode;
+use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -19,12 +19,7 @@ const SNAPSHOT: &str = concat!(
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let response = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, "/openapi.json").await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut document = json(response).await;
     // Fresh in each copy (see `swagger_ui_suggests_a_fresh_idempotency_key_at_each_load`).
@@ -40,9 +35,14 @@ async fn the_openapi_document_matches_the_snapshot(pool: PgPool) {
     );
 }
 
+/// Sends `GET path`, without credentials.
+async fn get(app: &TestApp, path: &str) -> Response {
+    app.client.get(app.url(path)).send().await.unwrap()
+}
+
 /// The body of `GET path`, as text.
 async fn text_of(app: &TestApp, path: &str) -> String {
-    let response = app.client.get(app.url(path)).send().await.unwrap();
+    let response = get(app, path).await;
     assert_eq!(response.status(), StatusCode::OK, "GET {path}");
     response.text().await.unwrap()
 }
@@ -66,12 +66,7 @@ async fn swagger_ui_suggests_a_fresh_idempotency_key_at_each_load(pool: PgPool) 
     let app = TestApp::spawn(pool).await;
     let mut keys = Vec::new();
     for _ in 0..2 {
-        let response = app
-            .client
-            .get(app.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap();
+        let response = get(&app, "/openapi.json").await;
         assert_eq!(response.headers()["cache-control"], "no-store");
         let mut document = json(response).await;
         let key = idempotency_key_example(&mut document)
@@ -150,22 +145,13 @@ async fn swagger_ui_examples_are_true_to_each_route(pool: PgPool) {
             .map(|(name, schema)| (name.clone(), schema["example"].clone()))
             .collect()
     };
-    let registered = app
-        .client
-        .post(app.url("/auth/register"))
-        .json(&body(register))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), StatusCode::CREATED);
-    let logged_in = app
-        .client
-        .post(app.url("/auth/login"))
-        .json(&body(login))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(logged_in.status(), StatusCode::OK);
+    for (path, properties, status) in [
+        ("/auth/register", register, StatusCode::CREATED),
+        ("/auth/login", login, StatusCode::OK),
+    ] {
+        let response = app.post_json(path, &body(properties)).await;
+        assert_eq!(response.status(), status, "{path}");
+    }
 
     let cancelled = &document["paths"]["/orders/{id}/cancel"]["patch"]["responses"]["200"]["content"]
         ["application/json"]["example"];
@@ -300,6 +286,19 @@ fn documented_events<'a>(document: &'a Value, template: &str) -> BTreeMap<String
         .collect()
 }
 
+/// Every event of the stream at `path` (resumed after `last_event_id`, if any) until the app ends it.
+async fn events_until_end(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    last_event_id: Option<&str>,
+) -> Vec<SseEvent> {
+    Stream::start(app, token, path, last_event_id)
+        .await
+        .rest()
+        .await
+}
+
 /// Fails unless `event` is one `schema` describes: its fields, an id that is a whole number, and its data the JSON
 /// object of the schema's `contentSchema`, with every required field and no other.
 fn assert_conforms(document: &Value, schema: &Value, event: &SseEvent) {
@@ -349,10 +348,7 @@ async fn the_event_routes_document_every_event_they_send(pool: PgPool) {
     let user = app.new_user().await;
     let id = app.create_widget(&user.access).await;
     let order_path = format!("/orders/{id}/events");
-    let mut sent = Stream::start(&app, &user.access, &order_path, None)
-        .await
-        .rest()
-        .await;
+    let mut sent = events_until_end(&app, &user.access, &order_path, None).await;
     // 1,001 changes since event 0: more than a stream replays, so a resume from 0 starts with `reset`.
     sqlx::query(
         "insert into order_status_history (order_id, status)
@@ -362,25 +358,12 @@ async fn the_event_routes_document_every_event_they_send(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let mut mine = Stream::start(&app, &user.access, "/orders/events", Some("0"))
-        .await
-        .rest()
-        .await;
+    let mut mine = events_until_end(&app, &user.access, "/orders/events", Some("0")).await;
     assert_eq!(mine.len(), 1);
     assert_eq!(app.cancel(&user.access, &id).await.status(), StatusCode::OK);
     let resume = mine[0].id.clone();
-    mine.extend(
-        Stream::start(&app, &user.access, "/orders/events", Some(&resume))
-            .await
-            .rest()
-            .await,
-    );
-    sent.extend(
-        Stream::start(&app, &user.access, &order_path, Some(&resume))
-            .await
-            .rest()
-            .await,
-    );
+    mine.extend(events_until_end(&app, &user.access, "/orders/events", Some(&resume)).await);
+    sent.extend(events_until_end(&app, &user.access, &order_path, Some(&resume)).await);
     let kinds = |events: &[SseEvent]| -> Vec<String> {
         events.iter().map(|event| event.event.clone()).collect()
     };
