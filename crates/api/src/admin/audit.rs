@@ -6,7 +6,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
-use orders_core::db::admin::{self as db, AuditEntry};
+use orders_core::{
+    db::admin::{self as db, AuditEntry},
+    domain::OrderId,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -23,10 +26,12 @@ use crate::{
     state::AppState,
 };
 
-/// Paging of the audit log.
+/// Which entries of the audit log, and paging.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only the entries of actions on this order.
+    order_id: Option<Uuid>,
     /// Page size, 1–100 (default 50).
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
@@ -76,13 +81,13 @@ impl From<AuditEntry> for AuditEntryResponse {
     }
 }
 
-/// The audit log: every operator action, newest first. Page with `limit` (1–100, default 50): when more entries
-/// exist, the `Link` header (rel="next") holds the URL of the next page.
+/// The audit log: every operator action, newest first, or with `order_id` those on one order. Page with `limit`
+/// (1–100, default 50): when more entries exist, the `Link` header (rel="next") holds the URL of the next page.
 #[utoipa::path(get, path = "/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery), responses(
     (status = 200, body = Vec<AuditEntryResponse>, description = "Entries, newest first", headers(("Link" = String, description = "`</admin/audit?limit=...&cursor=...>; rel=\"next\"` when more entries exist"))),
     (status = 401, body = crate::error::ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
     (status = 403, body = crate::error::ErrorBody, description = "Not a viewer or an operator", example = json!({"detail": "The admin API needs the viewer or operator role"})),
-    (status = 422, body = crate::error::ValidationErrorBody, description = "Bad limit or cursor", example = json!({"detail": [{"loc": ["query", "limit"], "msg": "Input should be less than or equal to 100", "type": "less_than_equal"}]})),
+    (status = 422, body = crate::error::ValidationErrorBody, description = "Bad order id, limit or cursor", example = json!({"detail": [{"loc": ["query", "limit"], "msg": "Input should be less than or equal to 100", "type": "less_than_equal"}]})),
     (status = 429, body = crate::error::ErrorBody, description = "Rate limit exceeded", headers(("Retry-After" = u64))),
     (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL unavailable or too slow", headers(("Retry-After" = u64))),
 ))]
@@ -109,7 +114,8 @@ pub(super) async fn list_audit(
                 })?,
         ),
     };
-    let mut entries = db::list_audit(&state.db, before, limit + 1).await?;
+    let order = query.order_id.map(OrderId);
+    let mut entries = db::list_audit(&state.db, order, before, limit + 1).await?;
     let next = if entries.len() as i64 > limit {
         entries.truncate(limit as usize);
         entries.last().map(|entry| entry.id)
@@ -119,9 +125,12 @@ pub(super) async fn list_audit(
     let page: Vec<AuditEntryResponse> = entries.into_iter().map(Into::into).collect();
     let mut response = JsonResponse(page).into_response();
     if let Some(next) = next {
+        let only = query
+            .order_id
+            .map_or_else(String::new, |id| format!("order_id={id}&"));
         link_next(
             &mut response,
-            &format!("/admin/audit?limit={limit}&cursor={next}"),
+            &format!("/admin/audit?{only}limit={limit}&cursor={next}"),
         );
     }
     Ok(response)

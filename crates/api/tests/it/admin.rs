@@ -599,6 +599,87 @@ async fn a_parked_order_redriven_through_the_api_completes_and_leaves_an_audit_e
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn a_product_prefix_finds_the_same_orders_whether_it_covers_a_few_names_or_many(
+    pool: PgPool,
+) {
+    let app = spawn(pool).await;
+    let operator = member(&app, "operator").await;
+    let customer = member(&app, "customer").await;
+    // 40 product names (`Part 00` to `Part 39`), two orders each, their times interleaved across names, every
+    // other one COMPLETED.
+    sqlx::query(
+        "insert into orders (id, user_id, product_name, amount, status, created_at)
+         select gen_random_uuid(), $1, 'Part ' || lpad((n % 40)::text, 2, '0'), 1,
+                case when n % 2 = 0 then 'COMPLETED' else 'PENDING' end::order_status,
+                now() - n * interval '1 minute'
+         from generate_series(1, 80) n",
+    )
+    .bind(customer.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // What each search must find, by the plainest query: newest first.
+    let expected = |pattern: &'static str, status: Option<&'static str>| {
+        sqlx::query_scalar::<_, Uuid>(
+            "select id from orders where product_name like $1 and ($2::text is null or status::text = $2)
+             order by created_at desc, id desc",
+        )
+        .bind(pattern)
+        .bind(status)
+        .fetch_all(&app.db)
+    };
+    // 40 names: past the few read apart; 10 names and 1 name: read apart; none.
+    let searches = [
+        ("product=Part", "Part%", None),
+        ("product=Part%201", "Part 1%", None),
+        (
+            "product=Part%201&status=COMPLETED",
+            "Part 1%",
+            Some("COMPLETED"),
+        ),
+        ("product=Part%2017", "Part 17%", None),
+        ("product=Part%209", "Part 9%", None),
+    ];
+    for (query, pattern, status) in searches {
+        let want: Vec<String> = expected(pattern, status)
+            .await
+            .unwrap()
+            .iter()
+            .map(Uuid::to_string)
+            .collect();
+        let found = all_pages(
+            &app,
+            &operator.token,
+            &format!("/admin/orders?limit=2&{query}"),
+        )
+        .await;
+        assert_eq!(found, want, "{query}");
+    }
+    // A re-drive of a search finds the same orders.
+    let response = redrive(
+        &app,
+        &operator.token,
+        &json!({"search": {"product": "Part 1"}}),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let acted: Vec<String> = json(response).await["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| result["id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = expected("Part 1%", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(Uuid::to_string)
+        .collect();
+    assert_eq!(acted.len(), 20);
+    assert_eq!(acted, want);
+}
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn a_search_matching_more_than_1000_orders_is_refused(pool: PgPool) {
     let app = spawn(pool).await;
     let operator = member(&app, "operator").await;
@@ -690,24 +771,52 @@ async fn an_operator_cancel_shows_on_the_orders_live_stream(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
-async fn the_audit_log_pages_newest_first(pool: PgPool) {
+async fn the_audit_log_pages_newest_first_in_full_or_for_one_order(pool: PgPool) {
     let app = spawn(pool).await;
     let operator = member(&app, "operator").await;
-    for _ in 0..5 {
-        let body = json!({"ids": [Uuid::now_v7()]});
-        let response = redrive(&app, &operator.token, &body).await;
+    // Five actions; the first, third and fourth also name `shared`.
+    let shared = Uuid::now_v7();
+    let mut naming_shared = Vec::new();
+    for n in 0..5 {
+        let mut ids = vec![Uuid::now_v7()];
+        if [0, 2, 3].contains(&n) {
+            ids.push(shared);
+        }
+        let response = redrive(&app, &operator.token, &json!({ "ids": ids })).await;
         assert_eq!(response.status(), StatusCode::OK);
+        let audit_id = json(response).await["audit_id"].as_i64().unwrap();
+        if ids.contains(&shared) {
+            naming_shared.push(audit_id);
+        }
     }
-    let ids: Vec<i64> = all_pages(&app, &operator.token, "/admin/audit?limit=2")
-        .await
-        .iter()
-        .map(|id| id.parse().unwrap())
-        .collect::<Vec<_>>();
+    let audit_ids =
+        |ids: Vec<String>| -> Vec<i64> { ids.iter().map(|id| id.parse().unwrap()).collect() };
+    let ids = audit_ids(all_pages(&app, &operator.token, "/admin/audit?limit=2").await);
     let mut expected = ids.clone();
     expected.sort_unstable_by(|a, b| b.cmp(a));
     expected.dedup();
     assert_eq!(ids.len(), 5);
     assert_eq!(ids, expected);
+
+    // One order's entries, newest first, over pages whose links keep the filter.
+    let path = format!("/admin/audit?order_id={shared}&limit=2");
+    naming_shared.reverse();
+    assert_eq!(
+        audit_ids(all_pages(&app, &operator.token, &path).await),
+        naming_shared
+    );
+    let none = get_json(
+        &app,
+        &operator.token,
+        &format!("/admin/audit?order_id={}", Uuid::now_v7()),
+    )
+    .await;
+    assert_eq!(none, json!([]));
+    crate::helpers::assert_422_at(
+        get_as(&app, &operator.token, "/admin/audit?order_id=nope").await,
+        json!(["query", "order_id"]),
+    )
+    .await;
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]

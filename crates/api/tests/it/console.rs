@@ -834,9 +834,11 @@ async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browse
         );
     }
     let timeline = log["timeline"].to_string();
-    for step in ["Created", "processing", "completed"] {
+    // The re-drive, from the audit log, with who made it.
+    for step in ["Created", "Re-driven requeued", "processing", "completed"] {
         assert!(timeline.contains(step), "{step} missing from {timeline}");
     }
+    assert!(timeline.contains(&operator), "{timeline}");
     assert!(
         log["confirmation"]
             .as_str()

@@ -520,23 +520,44 @@ pub async fn insert_audit(
     .await
 }
 
-/// Up to `limit` audit entries older than `before` (an id), newest first: a walk down the primary key.
+/// Up to `limit` audit entries older than `before` (an id), newest first: a walk down the primary key; or, for
+/// `order`, the entries that name it, found in `audit_log_order_ids_idx`.
 pub async fn list_audit(
     executor: impl PgExecutor<'_>,
+    order: Option<OrderId>,
     before: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<Vec<AuditEntry>> {
-    sqlx::query_as!(
-        AuditEntry,
-        r#"
-        select id, at, actor_id, actor_email, action, order_ids, request, result
-        from audit_log where id < $1 order by id desc limit $2
-        "#,
-        before.unwrap_or(i64::MAX),
-        limit,
-    )
-    .fetch_all(executor)
-    .await
+    let before = before.unwrap_or(i64::MAX);
+    match order {
+        None => {
+            sqlx::query_as!(
+                AuditEntry,
+                r#"
+                select id, at, actor_id, actor_email, action, order_ids, request, result
+                from audit_log where id < $1 order by id desc limit $2
+                "#,
+                before,
+                limit,
+            )
+            .fetch_all(executor)
+            .await
+        }
+        Some(order) => {
+            sqlx::query_as!(
+                AuditEntry,
+                r#"
+                select id, at, actor_id, actor_email, action, order_ids, request, result
+                from audit_log where order_ids @> array[$1::uuid] and id < $2 order by id desc limit $3
+                "#,
+                order as OrderId,
+                before,
+                limit,
+            )
+            .fetch_all(executor)
+            .await
+        }
+    }
 }
 
 /// The finished orders counted in full, and the newest status change they include.

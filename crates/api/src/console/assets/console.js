@@ -777,12 +777,15 @@
     let following = null;
 
     const load = async () => {
-      const { body } = await getJson(`/admin/orders/${encodeURIComponent(id)}`);
-      render(body);
+      const [{ body }, { body: actions }] = await Promise.all([
+        getJson(`/admin/orders/${encodeURIComponent(id)}`),
+        getJson(`/admin/audit?${new URLSearchParams({ order_id: id, limit: '100' })}`),
+      ]);
+      render(body, actions);
       return body;
     };
 
-    const render = (detail) => {
+    const render = (detail, actions) => {
       $('#page-title').textContent = `Order ${detail.id}`;
       document.title = `Order ${detail.id} · Orders console`;
       const row = (term, ...value) => [h('dt', null, term), h('dd', null, ...value)];
@@ -801,17 +804,23 @@
         row('Parked at', time(detail.parked_at)),
         row('Last error', detail.last_error ? h('span', { class: 'mono' }, detail.last_error) : '–')));
 
-      const events = [{ at: detail.created_at, title: 'Created', text: 'PENDING' }];
+      const events = [{ at: detail.created_at, title: 'Created' }];
       for (const change of detail.timeline || []) {
-        events.push({ at: change.changed_at, title: change.status, by: change.changed_by });
+        events.push({ at: change.changed_at, status: change.status, by: change.changed_by });
       }
       if (detail.parked_at) {
         events.push({ at: detail.parked_at, title: 'Parked', text: detail.last_error || 'out of attempts' });
       }
+      // Re-drives from the audit log (an operator's cancel is on the timeline already, as its status change).
+      for (const action of actions || []) {
+        if (action.action !== 'redrive') continue;
+        const outcome = (action.result || []).find((entry) => entry.id === detail.id);
+        events.push({ at: action.at, title: 'Re-driven', text: outcome ? outcome.result.replace('_', ' ') : '', by: action.actor_email });
+      }
       events.sort((a, b) => new Date(a.at) - new Date(b.at));
       $('#timeline').replaceChildren(...events.map((event) => h('li', null,
-        h('strong', null, event.title === 'Created' || event.title === 'Parked' ? event.title : statusBadge(event.title)),
-        event.text && event.title !== 'Created' ? [' ', event.text] : null,
+        h('strong', null, event.status ? statusBadge(event.status) : event.title),
+        event.text ? [' ', event.text] : null,
         event.by ? [' ', h('span', { class: 'muted' }, 'by '), h('span', { class: 'mono' }, event.by)] : null,
         h('span', { class: 'when' }, time(event.at)))));
 
