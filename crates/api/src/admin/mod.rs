@@ -39,6 +39,7 @@ pub fn router(
                 .routes(routes!(overview::overview_events))
                 .routes(routes!(workers::list_workers))
                 .routes(routes!(orders::search_orders))
+                .routes(routes!(orders::count_orders))
                 .routes(routes!(orders::order_detail))
                 .routes(routes!(audit::list_audit)),
             "admin",

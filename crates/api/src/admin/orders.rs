@@ -34,7 +34,7 @@ use crate::{
 /// Most orders one action may name or match.
 pub const MAX_ACTION_ORDERS: usize = 1000;
 
-/// The search's filters and paging, as query parameters.
+/// The search's filters, as query parameters.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchQuery {
@@ -59,6 +59,12 @@ pub struct SearchQuery {
     created_from: Option<DateTime<Utc>>,
     /// Orders created before this time (RFC 3339); before `created_from`, nothing matches.
     created_to: Option<DateTime<Utc>>,
+}
+
+/// A page of the search's results, as query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
     /// Page size, 1–100 (default 50).
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
@@ -237,7 +243,7 @@ pub(super) fn link_next(response: &mut Response, link: &str) {
 /// product-name prefix) and a creation-time range (`created_from` inclusive, `created_to` exclusive); the filters
 /// given all apply. Page with `limit` (1–100, default 50): when more orders match, the `Link` header (rel="next")
 /// holds the URL of the next page.
-#[utoipa::path(get, path = "/admin/orders", tag = "admin", security(("bearer" = [])), params(SearchQuery), responses(
+#[utoipa::path(get, path = "/admin/orders", tag = "admin", security(("bearer" = [])), params(SearchQuery, PageQuery), responses(
     (status = 200, body = Vec<FoundOrderResponse>, description = "Matching orders, newest first", headers(("Link" = String, description = "`</admin/orders?...&cursor=...>; rel=\"next\"` when more orders match"))),
     (status = 401, body = crate::error::ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
     (status = 403, body = crate::error::ErrorBody, description = "Not a viewer or an operator", example = json!({"detail": "The admin API needs the viewer or operator role"})),
@@ -249,11 +255,12 @@ pub(super) async fn search_orders(
     State(state): State<AppState>,
     _admin: AdminUser,
     Query(query): Query<SearchQuery>,
+    Query(page): Query<PageQuery>,
 ) -> ApiResult<Response> {
-    let limit = page_limit(query.limit)?;
+    let limit = page_limit(page.limit)?;
     let filters = query.filters();
     let filter = filters.parse(&["query"])?;
-    let cursor = match query.cursor.as_deref() {
+    let cursor = match page.cursor.as_deref() {
         None => None,
         Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
             ApiError::field(
@@ -307,6 +314,44 @@ fn search_link(filters: &SearchFilters, limit: i64, next: OrderCursor) -> String
     query.append_pair("limit", &limit.to_string());
     query.append_pair("cursor", &encode_cursor(next));
     format!("/admin/orders?{}", query.finish())
+}
+
+/// Most orders a count counts.
+pub const MAX_COUNT: i64 = 10_000;
+
+/// How many orders a search matches.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CountResponse {
+    /// Orders matching, counted up to 10,000.
+    #[schema(example = 37)]
+    pub count: i64,
+    /// Whether more orders match than `count` (the count stopped at 10,000).
+    pub more: bool,
+}
+
+/// Counts the orders a search matches, up to 10,000: what a re-drive of that search would name (at most 1,000).
+///
+/// Takes the filters of `GET /admin/orders`.
+#[utoipa::path(get, path = "/admin/orders/count", tag = "admin", security(("bearer" = [])), params(SearchQuery), responses(
+    (status = 200, body = CountResponse, description = "How many orders match", example = json!({"count": 37, "more": false})),
+    (status = 401, body = crate::error::ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+    (status = 403, body = crate::error::ErrorBody, description = "Not a viewer or an operator", example = json!({"detail": "The admin API needs the viewer or operator role"})),
+    (status = 422, body = crate::error::ValidationErrorBody, description = "Bad filter", example = json!({"detail": [{"loc": ["query", "status"], "msg": "Input should be 'PENDING', 'PROCESSING', 'COMPLETED' or 'CANCELLED'", "type": "enum"}]})),
+    (status = 429, body = crate::error::ErrorBody, description = "Rate limit exceeded", headers(("Retry-After" = u64))),
+    (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL unavailable or too slow", headers(("Retry-After" = u64))),
+))]
+pub(super) async fn count_orders(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(query): Query<SearchQuery>,
+) -> ApiResult<JsonResponse<CountResponse>> {
+    let filter = query.filters().parse(&["query"])?;
+    let mut conn = state.db.acquire().await?;
+    let count = db::count_orders(&mut conn, &filter, MAX_COUNT + 1).await?;
+    Ok(JsonResponse(CountResponse {
+        count: count.min(MAX_COUNT),
+        more: count > MAX_COUNT,
+    }))
 }
 
 /// One status change on an order's timeline.

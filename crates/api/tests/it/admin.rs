@@ -154,6 +154,7 @@ fn routes(order: &str, parked: &str) -> Vec<(Method, String, bool, Option<Value>
         (Method::GET, "/admin/overview/events".into(), false, None),
         (Method::GET, "/admin/workers".into(), false, None),
         (Method::GET, "/admin/orders".into(), false, None),
+        (Method::GET, "/admin/orders/count".into(), false, None),
         (Method::GET, format!("/admin/orders/{order}"), false, None),
         (Method::GET, "/admin/audit".into(), false, None),
         (
@@ -415,6 +416,12 @@ async fn the_search_finds_by_each_key_and_pages_without_gaps_or_duplicates(pool:
             "{query}: duplicates in {found:?}"
         );
         assert_eq!(found, expected, "{query}");
+        let counted = get_json(&app, &viewer.token, &format!("/admin/orders/count?{query}")).await;
+        assert_eq!(
+            counted,
+            json!({"count": expected.len(), "more": false}),
+            "{query}"
+        );
     }
 
     let page = get_json(
@@ -705,6 +712,25 @@ async fn a_search_matching_more_than_1000_orders_is_refused(pool: PgPool) {
     assert_eq!(response.status(), StatusCode::OK);
     let results = json(response).await["results"].as_array().unwrap().len();
     assert!((498..=500).contains(&results), "{results}");
+
+    // The count says so beforehand, and stops at 10,000.
+    let counted = get_json(&app, &operator.token, "/admin/orders/count?product=Bulk").await;
+    assert_eq!(counted, json!({"count": 1001, "more": false}));
+    sqlx::query(
+        "insert into orders (id, user_id, product_name, amount, created_at)
+         select gen_random_uuid(), $1, 'Bulk', 1, now() - n * interval '1 second' from generate_series(1, 9000) n",
+    )
+    .bind(customer.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let counted = get_json(&app, &operator.token, "/admin/orders/count?product=Bulk").await;
+    assert_eq!(counted, json!({"count": 10000, "more": true}));
+    crate::helpers::assert_422_at(
+        get_as(&app, &operator.token, "/admin/orders/count?status=DONE").await,
+        json!(["query", "status"]),
+    )
+    .await;
 }
 
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]

@@ -305,6 +305,24 @@ pub async fn search_order_ids(
     Ok(ids.into_iter().map(OrderId).collect())
 }
 
+/// How many orders match `filter`, counting at most `cap` of them.
+pub async fn count_orders(
+    conn: &mut PgConnection,
+    filter: &OrderFilter,
+    cap: i64,
+) -> sqlx::Result<i64> {
+    let mut tx = begin_search(conn).await?;
+    let mut query = QueryBuilder::new("select count(*) from (select from orders o");
+    push_filters(&mut query, filter, None);
+    query.push(" limit ").push_bind(cap).push(") matching");
+    let count = query
+        .build_query_scalar::<i64>()
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(count)
+}
+
 /// A search's transaction, planned for its values (`plan_cache_mode = force_custom_plan`).
 async fn begin_search(conn: &mut PgConnection) -> sqlx::Result<sqlx::Transaction<'_, Postgres>> {
     let mut tx = sqlx::Connection::begin(conn).await?;
