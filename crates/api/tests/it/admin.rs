@@ -686,19 +686,25 @@ async fn a_product_prefix_finds_the_same_orders_whether_it_covers_a_few_names_or
     assert_eq!(acted, want);
 }
 
+/// Inserts `n` PENDING "Bulk" orders of `user`, one a second back from now.
+async fn insert_bulk(db: &PgPool, user: Uuid, n: i32) {
+    sqlx::query(
+        "insert into orders (id, user_id, product_name, amount, created_at)
+         select gen_random_uuid(), $1, 'Bulk', 1, now() - n * interval '1 second' from generate_series(1, $2) n",
+    )
+    .bind(user)
+    .bind(n)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
-async fn a_search_matching_more_than_1000_orders_is_refused(pool: PgPool) {
+async fn a_search_matching_more_than_1000_orders_is_refused_and_counted(pool: PgPool) {
     let app = spawn(pool).await;
     let operator = member(&app, "operator").await;
     let customer = member(&app, "customer").await;
-    sqlx::query(
-        "insert into orders (id, user_id, product_name, amount, created_at)
-         select gen_random_uuid(), $1, 'Bulk', 1, now() - n * interval '1 second' from generate_series(1, 1001) n",
-    )
-    .bind(customer.id)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    insert_bulk(&app.db, customer.id, 1001).await;
     let response = redrive(
         &app,
         &operator.token,
@@ -716,14 +722,7 @@ async fn a_search_matching_more_than_1000_orders_is_refused(pool: PgPool) {
     // The count says so beforehand, and stops at 10,000.
     let counted = get_json(&app, &operator.token, "/admin/orders/count?product=Bulk").await;
     assert_eq!(counted, json!({"count": 1001, "more": false}));
-    sqlx::query(
-        "insert into orders (id, user_id, product_name, amount, created_at)
-         select gen_random_uuid(), $1, 'Bulk', 1, now() - n * interval '1 second' from generate_series(1, 9000) n",
-    )
-    .bind(customer.id)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    insert_bulk(&app.db, customer.id, 9000).await;
     let counted = get_json(&app, &operator.token, "/admin/orders/count?product=Bulk").await;
     assert_eq!(counted, json!({"count": 10000, "more": true}));
     crate::helpers::assert_422_at(
