@@ -695,16 +695,20 @@ async fn next_line(
 /// operator logs in and watches the overview count orders as they complete, without a reload; after the
 /// connection drops with the access token gone, the page reconnects, renews its session and counts on. The
 /// operator re-drives parked orders three ways (a selection on the parked list; one found by its id, from its own
-/// page, until that page shows it COMPLETED; every order a search matches, after a confirmation), looks at the
-/// workers and the audit log, and logs out. A viewer then finds no action control, and the API refuses their
-/// re-drive. Screenshots of every screen: `target/console-*.png`.
+/// page, until that page shows it COMPLETED; every order a search matches, after a confirmation), cancels a pending
+/// order from its page (the customer's live stream of that order shows it CANCELLED), looks at the workers and the
+/// audit log, and logs out. A viewer then finds no action control, and the API refuses their re-drive. Screenshots
+/// of every screen: `target/console-*.png`.
 #[sqlx::test(migrator = "orders_core::MIGRATOR")]
 async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browser(pool: PgPool) {
     use std::process::Stdio;
 
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    use crate::browser::{CutProxy, spawn_worker};
+    use crate::{
+        browser::{CutProxy, spawn_worker},
+        events::{Stream, statuses},
+    };
 
     let app = TestApp::spawn_with(pool.clone(), |config| {
         config.admin_overview_refresh_ms = 300;
@@ -748,6 +752,14 @@ async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browse
         parked.insert(role.to_owned(), Value::from(id.to_string()));
     }
     parked.insert("all_product".to_owned(), Value::from(gizmo.clone()));
+    // The customer follows, on its live stream, the order the operator cancels from its page in the console.
+    let cancel_events = format!("/orders/{}/events", parked["cancel"].as_str().unwrap());
+    let mut following_cancel = Stream::start(&app, &customer.access, &cancel_events, None).await;
+    let first = following_cancel
+        .next(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), "PENDING");
     let (stop, worker) = spawn_worker(&app, &pool, |settings| {
         settings.order_stage_delay_ms = 100;
         settings.reconcile_interval_ms = 200;
@@ -912,6 +924,7 @@ async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browse
         status(&parked["cancel"]).await,
         ("CANCELLED".to_owned(), true)
     );
+    assert_eq!(statuses(&following_cancel.rest().await), ["CANCELLED"]);
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
