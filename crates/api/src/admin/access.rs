@@ -14,6 +14,7 @@ use axum::{
     http::{HeaderMap, Method, request::Parts},
 };
 use orders_core::db::admin::{self as db, Member};
+use uuid::Uuid;
 
 use crate::{
     auth::{bearer_token, cookie},
@@ -45,6 +46,8 @@ pub struct AdminUser {
     pub member: Member,
     /// Their token's expiry (seconds since the epoch): a stream opened with it ends then.
     pub expires_at: i64,
+    /// Their token's session, if it names one: a stream opened with it ends with it.
+    pub session: Option<Uuid>,
 }
 
 impl FromRequestParts<AppState> for AdminUser {
@@ -78,6 +81,7 @@ impl FromRequestParts<AppState> for AdminUser {
         Ok(Self {
             member,
             expires_at: grant.expires_at,
+            session: grant.session,
         })
     }
 }

@@ -28,7 +28,10 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use orders_core::{
-    db::admin::{self as db, FinishedTotals},
+    db::{
+        admin::{self as db, FinishedTotals},
+        sessions,
+    },
     domain::UserId,
     queue::OrderQueue,
 };
@@ -37,6 +40,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use super::access::AdminUser;
 use crate::{
@@ -53,7 +57,7 @@ pub const FULL_COUNT_INTERVAL: Duration = Duration::from_secs(10 * 60);
 const FULL_COUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request waits for the first overview of a process that has just started.
 const FIRST_OVERVIEW_WAIT: Duration = Duration::from_secs(3);
-/// How often a stream of the overview checks that its reader still has an admin role.
+/// How often a stream of the overview checks that its reader still has an admin role and their session is live.
 const ROLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// The orders by status.
@@ -345,8 +349,8 @@ impl ToSchema for OverviewEvent {
 }
 
 /// The overview as server-sent events: `event: overview` with the same JSON as `GET /admin/overview`, now and
-/// then at each refresh, until the access token expires, the reader loses the admin role, or the server stops
-/// (the client then reconnects, with a fresh token). Comment lines keep a quiet stream alive. Counts against the
+/// then at each refresh, until the access token expires, the reader loses the admin role or logs out (both within
+/// 5 s), or the server stops (the client then reconnects, with a fresh token). Comment lines keep a quiet stream alive. Counts against the
 /// caller's event streams (`SSE_MAX_STREAMS_PER_USER`).
 #[utoipa::path(get, path = "/admin/overview/events", tag = "admin", security(("bearer" = [])), responses(
     (status = 200, description = "Events `overview`, each with `id` and the overview as JSON `data`, at each refresh",
@@ -376,6 +380,7 @@ pub(super) async fn overview_events(
         shutdown: state.events.shutdown.clone(),
         db: state.db.clone(),
         reader: admin.member.id,
+        session: admin.session,
         role_checked: Instant::now(),
         _slot: slot,
     };
@@ -399,6 +404,8 @@ struct OverviewStream {
     shutdown: CancellationToken,
     db: PgPool,
     reader: UserId,
+    /// The session the stream was opened in: it ends with it.
+    session: Option<Uuid>,
     role_checked: Instant,
     /// The stream's place in the bounds on open streams, released when it ends.
     _slot: crate::events::Slot,
@@ -421,6 +428,13 @@ impl OverviewStream {
                 let member = db::find_member(&self.db, self.reader).await.ok()??;
                 if !member.role.can_read_admin() {
                     return None;
+                }
+                // A logout (or a revoked session) ends it, as it ends the order streams.
+                if let Some(session) = self.session {
+                    let ended = sessions::ended_sessions(&self.db, &[session]).await.ok()?;
+                    if !ended.is_empty() {
+                        return None;
+                    }
                 }
                 self.role_checked = Instant::now();
             }

@@ -874,7 +874,11 @@ async fn a_demoted_operator_loses_access_at_once(pool: PgPool) {
     }
     // The open stream ends within a role check's interval.
     let started = Instant::now();
-    while overview.next(Duration::from_secs(10)).await.is_some() {}
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while overview.next(Duration::from_secs(10)).await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived the role");
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "{:?}",

@@ -293,3 +293,31 @@ async fn a_resume_too_far_back_says_reset_instead_of_replaying_the_history(pool:
     let replayed = near.next(Duration::from_secs(5)).await.unwrap();
     assert_eq!(replayed.event, "status");
 }
+
+#[sqlx::test(migrator = "orders_core::MIGRATOR")]
+async fn the_consoles_overview_stream_ends_with_its_session(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| config.admin_overview_refresh_ms = 200).await;
+    let email = app.register_with_role("operator").await.email;
+    let login = json(app.login(&email, crate::helpers::PASSWORD).await).await;
+    let tokens = Tokens {
+        access: login["access_token"].as_str().unwrap().to_owned(),
+        refresh: login["refresh_token"].as_str().unwrap().to_owned(),
+    };
+    let mut overview = Stream::start(&app, &tokens.access, "/admin/overview/events", None).await;
+    let first = overview.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event, "overview");
+
+    assert_eq!(logout(&app, &tokens).await, StatusCode::NO_CONTENT);
+    // It ends within a role and session check's interval (5 s), long before its token expires.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while overview.next(Duration::from_secs(10)).await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its session");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
