@@ -332,8 +332,10 @@ async fn begin_search(conn: &mut PgConnection) -> sqlx::Result<sqlx::Transaction
     Ok(tx)
 }
 
-/// The product names to read apart ([`push_page_ids`]): when a product-name prefix leads the search (no id or email,
-/// which are narrower) and covers at most [`MAX_NAMES_APART`] names. `None`: search the prefix as one range.
+/// The product names to read apart ([`push_page_ids`]): when a product-name prefix leads the search and covers at
+/// most [`MAX_NAMES_APART`] names. `None`: search the prefix as one range. An id or an email is narrower than any
+/// prefix, and so are the unfinished and the parked orders, which have small indexes of their own: with one of
+/// those, the planner chooses.
 async fn names_apart(
     conn: &mut PgConnection,
     filter: &OrderFilter,
@@ -341,7 +343,11 @@ async fn names_apart(
     let Some(prefix) = filter.product_prefix.as_deref() else {
         return Ok(None);
     };
-    if filter.id.is_some() || filter.email.is_some() {
+    let unfinished = matches!(
+        filter.status,
+        Some(OrderStatus::Pending | OrderStatus::Processing)
+    );
+    if filter.id.is_some() || filter.email.is_some() || unfinished || filter.parked == Some(true) {
         return Ok(None);
     }
     let names = product_names(conn, prefix, MAX_NAMES_APART).await?;
