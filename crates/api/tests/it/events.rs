@@ -118,6 +118,18 @@ impl Stream {
         }
     }
 
+    /// Reads until the server ends the stream, however many events come first; how long that took. Fails after 30 s
+    /// (`why` says what should have ended it), rather than waiting for as long as the stream could last.
+    pub async fn time_to_end(&mut self, why: &str) -> Duration {
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while self.next(Duration::from_secs(10)).await.is_some() {}
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the stream outlived {why}"));
+        started.elapsed()
+    }
+
     /// Every event until the server ends the stream.
     pub async fn rest(&mut self) -> Vec<SseEvent> {
         let mut events = Vec::new();
