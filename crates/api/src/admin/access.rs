@@ -13,7 +13,13 @@ use axum::{
     extract::FromRequestParts,
     http::{HeaderMap, Method, request::Parts},
 };
-use orders_core::db::admin::{self as db, Member};
+use std::time::Duration;
+
+use orders_core::{
+    db::admin::{self as db, Member},
+    domain::UserId,
+};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
@@ -83,6 +89,18 @@ impl FromRequestParts<AppState> for AdminUser {
             expires_at: grant.expires_at,
             session: grant.session,
         })
+    }
+}
+
+/// Resolves once `reader` no longer has an admin role, checked every `every` (or once the database does not answer:
+/// the client reconnects and is checked then): what ends their streams of orders.
+pub(crate) async fn role_lost(db: PgPool, reader: UserId, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match db::find_member(&db, reader).await {
+            Ok(Some(member)) if member.role.can_read_admin() => {}
+            _ => return,
+        }
     }
 }
 

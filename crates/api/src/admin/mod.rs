@@ -22,9 +22,13 @@ use uuid::Uuid;
 use self::access::AdminUser;
 use crate::{config::RateLimits, events::stream_routes, rate_limit::RouteLimits, state::AppState};
 
+/// How often an admin stream checks that its reader still has an admin role (and, for the overview, that their
+/// session is live).
+pub(crate) const ROLE_RECHECK: Duration = Duration::from_secs(5);
+
 /// The admin routes: reads within `RATE_LIMIT_ADMIN_PER_MINUTE` per client, actions within
-/// `RATE_LIMIT_ADMIN_ACTION_PER_MINUTE`. The overview's stream lasts at most `max_lifetime`
-/// (`SSE_MAX_STREAM_SECONDS`), when set.
+/// `RATE_LIMIT_ADMIN_ACTION_PER_MINUTE`. The streams (the overview's, an order's) last at most
+/// `max_lifetime` (`SSE_MAX_STREAM_SECONDS`), when set.
 pub fn router(
     limits: &RateLimits,
     per_route: &RouteLimits,
@@ -41,6 +45,7 @@ pub fn router(
                 .routes(routes!(orders::search_orders))
                 .routes(routes!(orders::count_orders))
                 .routes(routes!(orders::order_detail))
+                .routes(routes!(orders::order_events))
                 .routes(routes!(audit::list_audit)),
             "admin",
             limits.rate_limit_admin_per_minute,

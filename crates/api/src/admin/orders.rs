@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 
 use axum::{
-    Json as JsonResponse,
+    Extension, Json as JsonResponse,
     extract::State,
-    http::{HeaderValue, header},
+    http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Datelike, Utc};
@@ -22,12 +22,19 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::access::{AdminUser, Operator};
+use super::{
+    ROLE_RECHECK,
+    access::{AdminUser, Operator, role_lost},
+};
 use crate::{
     error::{ApiError, ApiResult, FieldError},
+    events::{MaxLifetime, authority::Authority},
     extract::{Fields, FromFields, Json, OrderPath, Query},
     loc,
-    routes::orders::{DEFAULT_LIMIT, MAX_LIMIT, OrderResponse, decode_cursor, encode_cursor},
+    routes::{
+        events::{OrderReader, last_event_id, order_stream},
+        orders::{DEFAULT_LIMIT, MAX_LIMIT, OrderResponse, decode_cursor, encode_cursor},
+    },
     state::AppState,
 };
 
@@ -437,6 +444,46 @@ pub(super) async fn order_detail(
             })
             .collect(),
     }))
+}
+
+/// Watches one order, whoever owns it: the events of `GET /orders/{id}/events` (the order now, then each change until
+/// it is COMPLETED or CANCELLED; `Last-Event-ID` resumes, and `204` says nothing more will come), for the console's
+/// order page. Besides ending with its token and its session, it ends within 5 s of the reader losing the admin
+/// role. Counts against the caller's event streams (`SSE_MAX_STREAMS_PER_USER`).
+#[utoipa::path(get, path = "/admin/orders/{id}/events", tag = "admin", security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The order's id"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "The id of the last event received: the stream resumes after it. Event ids are whole numbers, 0 or more"),
+    ),
+    responses(
+        (status = 200, description = "Events `status`, each with `id` and the order as JSON `data`; the stream ends after COMPLETED or CANCELLED",
+            content(("text/event-stream", item_schema = crate::openapi::StatusEvent, example = json!("event: status\nid: 0\ndata: {\"id\":\"01a2…\",\"status\":\"PENDING\",…}\n\n")))),
+        (status = 204, description = "Nothing more to send: the order is finished and `Last-Event-ID` was its last change"),
+        (status = 401, body = crate::error::ErrorBody, description = "Missing or invalid access token", example = json!({"detail": "Not authenticated"})),
+        (status = 403, body = crate::error::ErrorBody, description = "Not a viewer or an operator", example = json!({"detail": "The admin API needs the viewer or operator role"})),
+        (status = 404, body = crate::error::ErrorBody, description = "No such order", example = json!({"detail": "Order not found"})),
+        (status = 422, body = crate::error::ValidationErrorBody, description = "Malformed id or Last-Event-ID", example = json!({"detail": [{"loc": ["path", "id"], "msg": "Input should be a valid UUID, invalid character: found `n` at 0", "type": "uuid_parsing"}]})),
+        (status = 429, body = crate::error::ErrorBody, description = "Rate limit exceeded, or SSE_MAX_STREAMS_PER_USER streams are open already", headers(("Retry-After" = u64))),
+        (status = 503, body = crate::error::ErrorBody, description = "PostgreSQL unavailable, or this server holds SSE_MAX_STREAMS streams", headers(("Retry-After" = u64))),
+    ))]
+pub(super) async fn order_events(
+    State(state): State<AppState>,
+    Extension(lifetime): Extension<MaxLifetime>,
+    admin: AdminUser,
+    OrderPath(id): OrderPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let after = last_event_id(&headers)?;
+    let reader = OrderReader {
+        user: admin.member.id,
+        authority: Authority {
+            session: admin.session,
+            expires_at: admin.expires_at,
+        },
+        owner: None,
+    };
+    let demoted = role_lost(state.db.clone(), admin.member.id, ROLE_RECHECK);
+    order_stream(&state, reader, id, after, lifetime, demoted).await
 }
 
 /// Orders to re-drive: by id, or every order a search matches; at most 1,000 either way. Exactly one of `ids` and

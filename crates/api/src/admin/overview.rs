@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::access::AdminUser;
+use super::{ROLE_RECHECK, access::AdminUser};
 use crate::{
     error::{ApiError, ApiResult},
     events::MaxLifetime,
@@ -57,8 +57,6 @@ pub const FULL_COUNT_INTERVAL: Duration = Duration::from_secs(10 * 60);
 const FULL_COUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request waits for the first overview of a process that has just started.
 const FIRST_OVERVIEW_WAIT: Duration = Duration::from_secs(3);
-/// How often a stream of the overview checks that its reader still has an admin role and their session is live.
-const ROLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// The orders by status.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]

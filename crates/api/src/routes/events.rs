@@ -171,12 +171,39 @@ async fn order_events(
 ) -> ApiResult<Response> {
     let after = last_event_id(&headers)?;
     limit_openings(&state, &user).await?;
-    let slot = state.events.open(user.user_id).await?;
+    let reader = OrderReader {
+        user: user.user_id,
+        authority: authority(&user),
+        owner: Some(user.user_id),
+    };
+    order_stream(&state, reader, id, after, lifetime, std::future::pending()).await
+}
+
+/// Who opens a stream of one order: the user whose streams it counts against, the authority it ends with, and the
+/// owner the order must have (`None`: any order, for the admin API).
+pub(crate) struct OrderReader {
+    pub user: UserId,
+    pub authority: Authority,
+    pub owner: Option<UserId>,
+}
+
+/// The stream of one order: its status now (or what came after `after`, the `Last-Event-ID`), then each change
+/// until it is finished, `lifetime` is over, its authority ends, or `until` resolves; `204` when nothing more will
+/// come; `404` when there is no such order (of its owner).
+pub(crate) async fn order_stream(
+    state: &AppState,
+    reader: OrderReader,
+    id: OrderId,
+    after: Option<i64>,
+    lifetime: MaxLifetime,
+    until: impl Future<Output = ()> + Send + 'static,
+) -> ApiResult<Response> {
+    let slot = state.events.open(reader.user).await?;
     // Subscribed before anything is read, so that no change falls between the read and the first one sent.
-    let feed = state.events.subscribe(Topic::Order(id), authority(&user));
+    let feed = state.events.subscribe(Topic::Order(id), reader.authority);
     // The order and its last change in one snapshot: read apart, a change committing in between was sent with the
     // old status under its own id, and its announcement then dropped as already sent.
-    let Some((order, last)) = db::find_order_and_last_change(&state.db, user.user_id, id).await?
+    let Some((order, last)) = db::find_order_and_last_change(&state.db, reader.owner, id).await?
     else {
         return Err(ApiError::NotFound("Order not found"));
     };
@@ -199,7 +226,7 @@ async fn order_events(
             stream
         }
     };
-    Ok(sse(stream, lifetime))
+    Ok(sse(stream.take_until(until), lifetime))
 }
 
 /// Watches all my orders: each status change of any of them as it happens, for as long as I stay connected.
@@ -297,7 +324,10 @@ fn reset_event(floor: i64) -> Event {
 
 /// The response of a stream: its events, with heartbeats, ended after `lifetime` when that is bounded (as a stream
 /// whose token expires ends: the client reconnects with `Last-Event-ID`).
-fn sse(events: EventStream, lifetime: MaxLifetime) -> Response {
+fn sse(
+    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    lifetime: MaxLifetime,
+) -> Response {
     let keep_alive = || KeepAlive::new().interval(HEARTBEAT).text("heartbeat");
     let mut response = match lifetime.0 {
         None => Sse::new(events).keep_alive(keep_alive()).into_response(),
@@ -326,7 +356,7 @@ const SETTLED_AFTER: Duration = Duration::from_secs(60);
 const SSE_RESPONSE_HEADERS: usize = 3;
 
 /// The `Last-Event-ID` header: an event id this api sent (a whole number, 0 or more).
-fn last_event_id(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     let Some(raw) = headers.get("last-event-id") else {
         return Ok(None);
     };

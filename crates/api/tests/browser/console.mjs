@@ -148,6 +148,9 @@ try {
   result.detail_parked = await page.locator('#order-details .status.parked').count() === 1;
   result.detail_last_error = await page.locator('#order-details').innerText();
   result.timeline_parked = await page.locator('#timeline li').allInnerTexts();
+  // An unfinished order is followed live, over its event stream.
+  await page.waitForFunction(() => document.querySelector('#following')?.textContent.startsWith('Live'));
+  result.following_parked = await page.locator('#following').innerText();
   await snap(page, 'order-parked');
   await page.getByRole('button', { name: 'Re-drive', exact: true }).click();
   await page.locator('#outcome .outcome').waitFor();
@@ -156,6 +159,7 @@ try {
     { timeout: 90000, polling: 200 });
   result.detail_status = await page.locator('#order-status').innerText();
   result.timeline = await page.locator('#timeline li').allInnerTexts();
+  result.following_done = await page.locator('#following').innerText();
   await snap(page, 'order');
 
   // ---- Re-drive everything a search matches, after the confirmation. ----

@@ -156,6 +156,12 @@ fn routes(order: &str, parked: &str) -> Vec<(Method, String, bool, Option<Value>
         (Method::GET, "/admin/orders".into(), false, None),
         (Method::GET, "/admin/orders/count".into(), false, None),
         (Method::GET, format!("/admin/orders/{order}"), false, None),
+        (
+            Method::GET,
+            format!("/admin/orders/{order}/events"),
+            false,
+            None,
+        ),
         (Method::GET, "/admin/audit".into(), false, None),
         (
             Method::POST,
@@ -209,6 +215,7 @@ async fn every_admin_route_answers_each_role_as_it_may(pool: PgPool) {
                 .unwrap()
                 .to_owned();
             if status == StatusCode::OK && path.ends_with("/events") {
+                assert_eq!(expected, StatusCode::OK, "{method} {path}: a stream");
                 assert_eq!(content_type, "text/event-stream");
                 continue;
             }
@@ -749,6 +756,12 @@ async fn an_operator_cancel_shows_on_the_orders_live_stream(pool: PgPool) {
         Stream::start(&app, &customer.token, &format!("/orders/{id}/events"), None).await;
     let first = stream.next(Duration::from_secs(5)).await.unwrap();
     assert_eq!(first.status(), "PENDING");
+    // A viewer watches it too, through the admin API, as the console's order page does.
+    let viewer = member(&app, "viewer").await;
+    let admin_events = format!("/admin/orders/{id}/events");
+    let mut watching = Stream::start(&app, &viewer.token, &admin_events, None).await;
+    let first = watching.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.status(), "PENDING");
 
     let cancel = format!("/admin/orders/{id}/cancel");
     let response = post_as(&app, &operator.token, &cancel, None).await;
@@ -760,6 +773,12 @@ async fn an_operator_cancel_shows_on_the_orders_live_stream(pool: PgPool) {
     );
     let rest = stream.rest().await;
     assert_eq!(statuses(&rest), ["CANCELLED"]);
+    let seen = watching.rest().await;
+    assert_eq!(statuses(&seen), ["CANCELLED"]);
+    // Reconnecting after the last change: nothing more will come, and 204 says so.
+    let last = seen[0].id.clone();
+    let again = Stream::open(&app, &viewer.token, &admin_events, Some(&last)).await;
+    assert_eq!(again.status(), StatusCode::NO_CONTENT);
 
     let detail = get_json(&app, &operator.token, &format!("/admin/orders/{id}")).await;
     assert_eq!(
@@ -863,6 +882,10 @@ async fn a_demoted_operator_loses_access_at_once(pool: PgPool) {
         overview.next(Duration::from_secs(5)).await.unwrap().event,
         "overview"
     );
+    let order_events = format!("/admin/orders/{order}/events");
+    let mut watching = Stream::start(&app, &operator.token, &order_events, None).await;
+    let first = watching.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.status(), "PENDING");
 
     app.set_role(&operator.email, "viewer").await;
     let cancel = format!("/admin/orders/{order}/cancel");
@@ -878,8 +901,11 @@ async fn a_demoted_operator_loses_access_at_once(pool: PgPool) {
         let response = get_as(&app, &operator.token, path).await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
     }
-    // The open stream ends within a role check's interval.
-    let took = overview.time_to_end("the role").await;
+    // The open streams end within a role check's interval.
+    let started = Instant::now();
+    overview.time_to_end("the role").await;
+    watching.time_to_end("the role").await;
+    let took = started.elapsed();
     assert!(took < Duration::from_secs(8), "{took:?}");
     assert_eq!(status_of(&app.db, &order).await, "PENDING");
 }

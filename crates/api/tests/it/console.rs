@@ -838,6 +838,12 @@ async fn an_operator_steers_and_a_viewer_watches_through_the_console_in_a_browse
         "{log:#}"
     );
     assert_eq!(log["detail_status"], "completed", "{log:#}");
+    // Followed live while unfinished, and no more once completed.
+    assert_eq!(
+        log["following_parked"], "Live: following this order until it finishes.",
+        "{log:#}"
+    );
+    assert_eq!(log["following_done"], "", "{log:#}");
     let parked_timeline = log["timeline_parked"].to_string();
     for step in ["Created", "Parked"] {
         assert!(

@@ -764,7 +764,6 @@
   // One order: its fields, its timeline and its actions.
   async function order() {
     const id = decodeURIComponent(location.pathname.split('/').pop());
-    let following = null;
 
     const load = async () => {
       const [{ body }, { body: actions }] = await Promise.all([
@@ -827,39 +826,68 @@
       } else {
         $('#action-buttons').replaceChildren();
       }
-      if (!unfinished) stopFollowing();
+      unfinishedNow = unfinished;
+      if (unfinished) follow(); else stopFollowing();
     };
 
-    // After an action the page follows the order until it is finished, for up to two minutes.
-    const follow = () => {
-      stopFollowing();
-      const until = Date.now() + 120000;
-      $('#following').textContent = 'Following this order until it finishes…';
-      following = setInterval(async () => {
-        if (Date.now() > until) {
-          stopFollowing();
-          return;
-        }
+    // While the order is unfinished the page follows it live (/admin/orders/{id}/events): each change reloads it.
+    let stream = null;
+    let failures = 0;
+    let unfinishedNow = false;
+    let reloading = false;
+    let reloadAgain = false;
+    async function reload() {
+      if (reloading) {
+        reloadAgain = true;
+        return;
+      }
+      reloading = true;
+      do {
+        reloadAgain = false;
         try {
           await load();
         } catch (error) {
-          stopFollowing();
-          showProblem(error);
+          if (!(error instanceof Leaving)) showProblem(error);
         }
-      }, 1500);
-    };
+      } while (reloadAgain);
+      reloading = false;
+    }
+    function follow() {
+      if (stream || !unfinishedNow) return;
+      const source = new EventSource(`/admin/orders/${encodeURIComponent(id)}/events`);
+      stream = source;
+      $('#following').textContent = 'Live: following this order until it finishes.';
+      source.addEventListener('open', () => { failures = 0; });
+      source.addEventListener('status', () => { reload(); });
+      source.addEventListener('error', async () => {
+        // The browser reconnects by itself (with Last-Event-ID) unless the answer closed the stream.
+        if (source.readyState !== EventSource.CLOSED || stream !== source) return;
+        stopFollowing();
+        // 204 (finished), or a token refused: where does the order stand?
+        await reload();
+        if (!unfinishedNow) return;
+        failures += 1;
+        try {
+          await call('/admin/me');
+        } catch (error) {
+          if (error instanceof Leaving) return;
+          if (error instanceof Refused && error.status === 403) {
+            noAccess();
+            return;
+          }
+        }
+        setTimeout(follow, Math.min(30000, 500 * 2 ** Math.min(failures, 6)));
+      });
+    }
     function stopFollowing() {
-      if (following) clearInterval(following);
-      following = null;
+      if (stream) stream.close();
+      stream = null;
       $('#following').textContent = '';
     }
 
     async function onRedrive() {
       const outcomes = await redrive({ ids: [id] }, $('#outcome'));
-      if (outcomes) {
-        await load();
-        follow();
-      }
+      if (outcomes) await reload();
     }
 
     async function onCancel() {
@@ -873,11 +901,12 @@
         if (error instanceof Leaving) return;
         into.replaceChildren(h('p', { class: 'notice error' }, error.message));
       }
-      try { await load(); } catch (error) { showProblem(error); }
+      await reload();
     }
 
     $('#reload').addEventListener('click', async () => {
-      try { clearProblem(); await load(); } catch (error) { showProblem(error); }
+      clearProblem();
+      await reload();
     });
     try {
       await load();
