@@ -182,8 +182,11 @@ async fn order_events(
 /// Who opens a stream of one order: the user whose streams it counts against, the authority it ends with, and the
 /// owner the order must have (`None`: any order, for the admin API).
 pub(crate) struct OrderReader {
+    /// Whose streams it counts against (`SSE_MAX_STREAMS_PER_USER`).
     pub user: UserId,
+    /// The token and session it ends with.
     pub authority: Authority,
+    /// The order's owner, checked; `None`: any order.
     pub owner: Option<UserId>,
 }
 
