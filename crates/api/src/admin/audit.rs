@@ -15,14 +15,12 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{
-    access::AdminUser,
-    orders::{link_next, page_limit},
-};
+use super::access::AdminUser;
 use crate::{
     error::{ApiError, ApiResult},
     extract::Query,
     loc,
+    routes::orders::{link_next, next_page, page_limit},
     state::AppState,
 };
 
@@ -116,12 +114,7 @@ pub(super) async fn list_audit(
     };
     let order = query.order_id.map(OrderId);
     let mut entries = db::list_audit(&state.db, order, before, limit + 1).await?;
-    let next = if entries.len() as i64 > limit {
-        entries.truncate(limit as usize);
-        entries.last().map(|entry| entry.id)
-    } else {
-        None
-    };
+    let next = next_page(&mut entries, limit).map(|entry| entry.id);
     let page: Vec<AuditEntryResponse> = entries.into_iter().map(Into::into).collect();
     let mut response = JsonResponse(page).into_response();
     if let Some(next) = next {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use axum::{
     Extension, Json as JsonResponse,
     extract::State,
-    http::{HeaderMap, HeaderValue, header},
+    http::HeaderMap,
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Datelike, Utc};
@@ -33,7 +33,7 @@ use crate::{
     loc,
     routes::{
         events::{OrderReader, last_event_id, order_stream},
-        orders::{DEFAULT_LIMIT, MAX_LIMIT, OrderResponse, decode_cursor, encode_cursor},
+        orders::{OrderResponse, encode_cursor, link_next, next_page, page_cursor, page_limit},
     },
     state::AppState,
 };
@@ -217,33 +217,6 @@ impl From<FoundOrder> for FoundOrderResponse {
     }
 }
 
-/// The page size asked for, or a 422.
-pub(super) fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
-    let limit = limit.unwrap_or(DEFAULT_LIMIT);
-    if limit < 1 {
-        return Err(ApiError::field(
-            loc!["query", "limit"],
-            "greater_than_equal",
-            "Input should be greater than or equal to 1",
-        ));
-    }
-    if limit > MAX_LIMIT {
-        return Err(ApiError::field(
-            loc!["query", "limit"],
-            "less_than_equal",
-            "Input should be less than or equal to 100",
-        ));
-    }
-    Ok(limit)
-}
-
-/// Adds `Link: <link>; rel="next"` to `response`.
-pub(super) fn link_next(response: &mut Response, link: &str) {
-    if let Ok(value) = HeaderValue::from_str(&format!("<{link}>; rel=\"next\"")) {
-        response.headers_mut().insert(header::LINK, value);
-    }
-}
-
 /// Searches every order, newest first.
 ///
 /// Filter by `id`, `email` (the owner's, exact and case-insensitive), `status`, `parked`, `product` (a
@@ -267,25 +240,11 @@ pub(super) async fn search_orders(
     let limit = page_limit(page.limit)?;
     let filters = query.filters();
     let filter = filters.parse(&["query"])?;
-    let cursor = match page.cursor.as_deref() {
-        None => None,
-        Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
-            ApiError::field(
-                loc!["query", "cursor"],
-                "value_error",
-                "Invalid cursor: use the one from a Link header",
-            )
-        })?),
-    };
+    let cursor = page_cursor(page.cursor.as_deref())?;
     let mut conn = state.db.acquire().await?;
     let mut found = db::search_orders(&mut conn, &filter, cursor, limit + 1).await?;
     drop(conn);
-    let next = if found.len() as i64 > limit {
-        found.truncate(limit as usize);
-        found.last().map(OrderCursor::from)
-    } else {
-        None
-    };
+    let next = next_page(&mut found, limit).map(OrderCursor::from);
     let page: Vec<FoundOrderResponse> = found.into_iter().map(Into::into).collect();
     let mut response = JsonResponse(page).into_response();
     if let Some(next) = next {

@@ -442,7 +442,38 @@ async fn list_my_orders(
     user: AuthUser,
     Query(query): Query<ListQuery>,
 ) -> ApiResult<Response> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    let limit = page_limit(query.limit)?;
+    let cursor = page_cursor(query.cursor.as_deref())?;
+    // One extra row tells whether a next page exists.
+    let request = PageRequest {
+        user_id: user.user_id,
+        status: query.status,
+        cursor,
+        limit: limit + 1,
+    };
+    let mut orders = state.pages.run(request).await?;
+    if orders.is_empty() {
+        ensure_user_exists(&state, user).await?;
+    }
+    let next = next_page(&mut orders, limit).map(OrderCursor::from);
+    let mut response = json_list(&orders);
+    if let Some(next) = next {
+        let status = query
+            .status
+            .map(|s| format!("&status={}", s.as_str()))
+            .unwrap_or_default();
+        let link = format!(
+            "/orders/my-orders?limit={limit}{status}&cursor={}",
+            encode_cursor(next)
+        );
+        link_next(&mut response, &link);
+    }
+    Ok(response)
+}
+
+/// The page size asked for (`?limit=`, 1–100, default 50), or a 422.
+pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
     if limit < 1 {
         return Err(ApiError::field(
             loc!["query", "limit"],
@@ -457,48 +488,39 @@ async fn list_my_orders(
             "Input should be less than or equal to 100",
         ));
     }
-    let cursor = match query.cursor.as_deref() {
-        None => None,
-        Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
+    Ok(limit)
+}
+
+/// The `?cursor=` of a listing of orders, decoded, or a 422.
+pub(crate) fn page_cursor(raw: Option<&str>) -> ApiResult<Option<OrderCursor>> {
+    raw.map(|raw| {
+        decode_cursor(raw).ok_or_else(|| {
             ApiError::field(
                 loc!["query", "cursor"],
                 "value_error",
                 "Invalid cursor: use the one from a Link header",
             )
-        })?),
-    };
-    // One extra row tells whether a next page exists.
-    let request = PageRequest {
-        user_id: user.user_id,
-        status: query.status,
-        cursor,
-        limit: limit + 1,
-    };
-    let mut orders = state.pages.run(request).await?;
-    if orders.is_empty() {
-        ensure_user_exists(&state, user).await?;
-    }
-    let next = if orders.len() as i64 > limit {
-        orders.truncate(limit as usize);
-        orders.last().map(OrderCursor::from)
+        })
+    })
+    .transpose()
+}
+
+/// Cuts `rows`, read with one more than `limit`, to `limit`: the last row kept when more follow (where the next page
+/// starts), `None` on the last page.
+pub(crate) fn next_page<T>(rows: &mut Vec<T>, limit: i64) -> Option<&T> {
+    if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last()
     } else {
         None
-    };
-    let mut response = json_list(&orders);
-    if let Some(next) = next {
-        let status = query
-            .status
-            .map(|s| format!("&status={}", s.as_str()))
-            .unwrap_or_default();
-        let link = format!(
-            "</orders/my-orders?limit={limit}{status}&cursor={}>; rel=\"next\"",
-            encode_cursor(next)
-        );
-        if let Ok(value) = HeaderValue::from_str(&link) {
-            response.headers_mut().insert(header::LINK, value);
-        }
     }
-    Ok(response)
+}
+
+/// Adds `Link: <link>; rel="next"` to `response`.
+pub(crate) fn link_next(response: &mut Response, link: &str) {
+    if let Ok(value) = HeaderValue::from_str(&format!("<{link}>; rel=\"next\"")) {
+        response.headers_mut().insert(header::LINK, value);
+    }
 }
 
 /// A list of orders as a JSON response: the bytes `serde_json` would write for `[OrderResponse]`, written

@@ -261,6 +261,24 @@
     who.replaceChildren(h('span', { class: 'email', title: me.email }, me.email), h('span', { class: 'role' }, me.role));
   }
 
+  /**
+   * After the answer to an event stream closed it (a token refused, say): checks the session, which renews it when
+   * it can, then calls `reopen` after a back-off that grows with `failures`; not when the user lost console access
+   * or is leaving for the login form.
+   */
+  async function reopenLater(reopen, failures) {
+    try {
+      await call('/admin/me');
+    } catch (error) {
+      if (error instanceof Leaving) return;
+      if (error instanceof Refused && error.status === 403) {
+        noAccess();
+        return;
+      }
+    }
+    setTimeout(reopen, Math.min(30000, 500 * 2 ** Math.min(failures, 6)));
+  }
+
   function noAccess() {
     const main = $('#main');
     main.replaceChildren(
@@ -604,16 +622,7 @@
         if (stream.readyState !== EventSource.CLOSED) return;
         stream.close();
         failures += 1;
-        try {
-          await call('/admin/me');
-        } catch (error) {
-          if (error instanceof Leaving) return;
-          if (error instanceof Refused && error.status === 403) {
-            noAccess();
-            return;
-          }
-        }
-        setTimeout(open, Math.min(30000, 500 * 2 ** Math.min(failures, 6)));
+        await reopenLater(open, failures);
       });
     };
     open();
@@ -867,16 +876,7 @@
         await reload();
         if (!unfinishedNow) return;
         failures += 1;
-        try {
-          await call('/admin/me');
-        } catch (error) {
-          if (error instanceof Leaving) return;
-          if (error instanceof Refused && error.status === 403) {
-            noAccess();
-            return;
-          }
-        }
-        setTimeout(follow, Math.min(30000, 500 * 2 ** Math.min(failures, 6)));
+        await reopenLater(follow, failures);
       });
     }
     function stopFollowing() {
